@@ -1,0 +1,1 @@
+"""AttMask reproducibility pipeline: the library behind the DVC stages in `stages/`."""
