@@ -1,0 +1,47 @@
+"""DVC stage `pretrain`: iBOT + the masking strategy in params.yaml.
+
+    python -m stages.pretrain                       # CPU or one GPU
+    torchrun --nproc_per_node=8 -m stages.pretrain  # many GPUs (or CPU processes, gloo)
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import Params, load_params
+from pipeline.distributed import init_distributed, resolve_device, shutdown
+from pipeline.tracking import RunRecord, record_run
+from pipeline.training import PretrainPaths, configure_determinism, pretrain, write_training_records
+
+SHARDS = Path("data/shards")
+MODELS = Path("models/pretrain")
+REPORTS = Path("reports/pretrain")
+
+
+def main(params: Params, record: RunRecord | None = None, progress_bar: bool = True) -> dict[str, Any]:
+    configure_determinism()
+    device = resolve_device(params.pretrain.device, int(os.environ.get("LOCAL_RANK", "0")))
+    context = init_distributed(device)
+    try:
+        paths = PretrainPaths.under(SHARDS, MODELS, REPORTS)
+        summary = pretrain(params, paths, device, context, record=record, progress_bar=progress_bar)
+        if context.is_main:
+            from pipeline.checkpoint import load_checkpoint
+
+            history = load_checkpoint(paths.checkpoint)["history"].tolist()
+            write_training_records(summary, history, paths.reports)
+            print(
+                f"pretrain: {summary['epochs']} epochs, {summary['steps']} steps, loss "
+                f"{summary['first_epoch_loss']:.4f} -> {summary['final_loss']:.4f}, "
+                f"{summary['images_per_second']:.1f} images/s, {summary['wall_seconds']:.0f} s"
+            )
+        return {k: v for k, v in summary.items() if k != "throughput"}
+    finally:
+        shutdown(context)
+
+
+if __name__ == "__main__":
+    params = load_params("params.yaml")
+    is_main_rank = int(os.environ.get("RANK", "0")) == 0
+    record_run("pretrain", params, lambda record: main(params, record), enabled=is_main_rank)
