@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -37,10 +38,28 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
-    """Serialise ``state`` with ``torch.save`` and write it atomically."""
+    """Serialise ``state`` with ``torch.save`` and write it atomically.
+
+    Strings are interned first: pickle memoises by object identity, so a key
+    that came from a loaded checkpoint would otherwise serialise differently
+    from the same key written by a fresh run, and a resumed run's checkpoint
+    would not be byte-identical to an uninterrupted one.
+    """
     buffer = io.BytesIO()
-    torch.save(state, buffer)
+    torch.save(_intern_strings(state), buffer)
     atomic_write_bytes(path, buffer.getvalue())
+
+
+def _intern_strings(value: Any) -> Any:
+    if isinstance(value, str):
+        return sys.intern(value)
+    if isinstance(value, dict):
+        return type(value)((_intern_strings(k), _intern_strings(v)) for k, v in value.items())
+    if isinstance(value, list):
+        return [_intern_strings(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_intern_strings(v) for v in value)
+    return value
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

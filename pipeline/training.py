@@ -42,6 +42,10 @@ from pipeline.shards import ShardDataset, open_split
 from pipeline.tracking import RunRecord
 
 CHECKPOINT_FORMAT = 1
+# pretrain keys that change how a run is executed or logged, not what it computes:
+# a checkpoint ignores them, so a resumed run may change them and still match.
+RUN_CONTROL_KEYS = frozenset({"resume", "device", "num_workers", "checkpoint_every", "checkpoint_every_steps", "log_every"})
+LOGGED_SCALARS = ("loss_total", "loss_cls", "loss_patch", "masked_share")
 STEP_COLUMNS = ("step", "epoch", "loss_total", "loss_cls", "loss_patch", "lr", "weight_decay", "momentum", "teacher_temp", "masked_share")
 
 
@@ -195,7 +199,7 @@ class Pretrainer:
     def state_dict(self) -> dict[str, Any]:
         return {
             "format": CHECKPOINT_FORMAT,
-            "params": params_to_dict(self.params),
+            "params": _computation_params(self.params),
             "epoch": self.progress.epoch,
             "step": self.progress.step,
             "student": self.student_module.state_dict(),
@@ -217,14 +221,11 @@ class Pretrainer:
 
     def _check_resumable(self, saved: dict[str, Any]) -> None:
         """Resuming is only sound when nothing but bookkeeping keys changed."""
-        current = params_to_dict(self.params)
-        ignore = {"resume", "device", "num_workers", "checkpoint_every", "checkpoint_every_steps", "log_every"}
+        current = _computation_params(self.params)
         for section in sorted(set(saved) | set(current)):
             old, new = saved.get(section), current.get(section)
             if isinstance(old, dict) and isinstance(new, dict):
                 for key in sorted(set(old) | set(new)):
-                    if section == "pretrain" and key in ignore:
-                        continue
                     if old.get(key) != new.get(key):
                         raise ParamsError(
                             f"{section}.{key}",
@@ -320,12 +321,11 @@ class Pretrainer:
         update_teacher(self.student_module, self.teacher, float(self.schedules.momentum[iteration]))
         self.loss.update_center(target["cls"], target["patch"])
 
-        masked_share = all_reduce_sum(masks.float().mean().detach(), self.context) / self.context.world_size
         return {
             "loss_total": losses["total"].detach(),
             "loss_cls": losses["cls"].detach(),
             "loss_patch": losses["patch"].detach(),
-            "masked_share": masked_share,
+            "masked_share": masks.float().mean().detach(),
         }
 
     # ------------------------------------------------------------------ loop
@@ -383,7 +383,9 @@ class Pretrainer:
 
     def _flush(self, pending: list[tuple[int, int, dict[str, torch.Tensor]]], bar: tqdm) -> None:
         """Move logged scalars to the host in one sync; stop on a non-finite loss."""
-        values = torch.stack([torch.stack([s[k].float() for k in STEP_COLUMNS[2:5] + ("masked_share",)]) for _, _, s in pending]).cpu()
+        values = torch.stack([torch.stack([s[k].float() for k in LOGGED_SCALARS]) for _, _, s in pending])
+        # each rank's loss is over its share of the global batch: log the global mean
+        values = (all_reduce_sum(values, self.context) / self.context.world_size).cpu()
         for (epoch, step, _), row in zip(pending, values.tolist()):
             total, cls_loss, patch_loss, masked = row
             if not all(math.isfinite(v) for v in (total, cls_loss, patch_loss)):
@@ -450,6 +452,13 @@ class Pretrainer:
     def _restore_signal_handlers(self) -> None:
         for sig, handler in self._previous_handlers.items():
             signal.signal(sig, handler)
+
+
+def _computation_params(params: Params) -> dict[str, Any]:
+    """The params that determine the trained weights (run-control keys removed)."""
+    values = params_to_dict(params)
+    values["pretrain"] = {k: v for k, v in values["pretrain"].items() if k not in RUN_CONTROL_KEYS}
+    return values
 
 
 def _epoch_mean(history: list[list[float]], epoch: int, column: int) -> float | None:

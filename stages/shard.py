@@ -1,0 +1,33 @@
+"""DVC stage `shard`: the image folder in params.yaml -> data/shards (webdataset + manifest).
+
+    python -m stages.shard
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import Params, load_params
+from pipeline.data import build_shards
+from pipeline.tracking import RunRecord, record_run
+
+SHARDS = Path("data/shards")
+
+
+def main(params: Params, record: RunRecord | None = None, progress_bar: bool = True) -> dict[str, Any]:
+    """Write ``data/shards``; returns totals per split, shard count and images/s."""
+    # the image check pool: the result does not depend on the worker count
+    result = build_shards(params.data, params.seed, SHARDS, workers=os.cpu_count() or 1, progress=progress_bar)
+    summary = result.summary()
+    if record is not None:
+        record.add_artifact(SHARDS / "manifest.json", name="manifest.json")
+        for split, totals in summary["totals"].items():
+            for key, value in totals.items():
+                record.log_scalar(f"{split}.{key}", value)
+    return summary
+
+
+if __name__ == "__main__":
+    params = load_params("params.yaml")
+    record_run("shard", params, lambda record: main(params, record))
