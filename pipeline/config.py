@@ -216,6 +216,110 @@ class PretrainConfig:
 
 
 @dataclass(frozen=True)
+class ExtractConfig:
+    """Frozen teacher features for evaluation (DESIGN.md, "Evaluation")."""
+
+    image_size: int | None = None  # None: augment.global_size
+    batch_size: int = 256
+    n_last_blocks: int = 1  # concatenate the [CLS] of the last n blocks (DINO's n_last_blocks)
+    avgpool: bool = False  # also concatenate the average-pooled patch tokens of the last block
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    num_workers: int = 1
+
+    def validate(self, patch_size: int, depth: int | None, prefix: str = "extract") -> None:
+        if self.image_size is not None:
+            _check_range(f"{prefix}.image_size", self.image_size, 1, None)
+            if self.image_size % patch_size:
+                raise ParamsError(f"{prefix}.image_size", f"{self.image_size} is not divisible by the patch size {patch_size}")
+        _check_range(f"{prefix}.batch_size", self.batch_size, 1, None)
+        _check_range(f"{prefix}.n_last_blocks", self.n_last_blocks, 1, depth)
+        _check_range(f"{prefix}.num_workers", self.num_workers, 0, None)
+
+
+@dataclass(frozen=True)
+class KnnConfig:
+    """Weighted k-NN on L2-normalised features (DINO protocol)."""
+
+    k: tuple[int, ...] = (10, 20, 100, 200)
+    temperature: float = 0.07
+    chunk_size: int = 1024  # val rows scored at once: memory is chunk_size x train size
+
+    def validate(self, prefix: str = "knn") -> None:
+        if not self.k:
+            raise ParamsError(f"{prefix}.k", "needs at least one k")
+        for i, k in enumerate(self.k):
+            _check_range(f"{prefix}.k[{i}]", k, 1, None)
+        _check_range(f"{prefix}.temperature", self.temperature, 0.0, None, low_open=True)
+        _check_range(f"{prefix}.chunk_size", self.chunk_size, 1, None)
+
+
+@dataclass(frozen=True)
+class FewshotConfig:
+    """k-NN with only a few labelled train images per class, over seeded draws."""
+
+    shots: tuple[int, ...] = (1, 5, 10, 20)
+    draws: int = 5
+    k: int = 20
+    temperature: float = 0.07
+
+    def validate(self, prefix: str = "fewshot") -> None:
+        if not self.shots:
+            raise ParamsError(f"{prefix}.shots", "needs at least one shot count")
+        for i, shots in enumerate(self.shots):
+            _check_range(f"{prefix}.shots[{i}]", shots, 1, None)
+        _check_range(f"{prefix}.draws", self.draws, 1, None)
+        _check_range(f"{prefix}.k", self.k, 1, None)
+        _check_range(f"{prefix}.temperature", self.temperature, 0.0, None, low_open=True)
+
+
+@dataclass(frozen=True)
+class LinearConfig:
+    """Logistic-regression probe; C chosen by cross-validation on train features only."""
+
+    c_values: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0, 100.0)
+    cv_folds: int = 3
+    max_iter: int = 1000
+
+    def validate(self, prefix: str = "linear") -> None:
+        if not self.c_values:
+            raise ParamsError(f"{prefix}.c_values", "needs at least one value")
+        for i, c in enumerate(self.c_values):
+            _check_range(f"{prefix}.c_values[{i}]", c, 0.0, None, low_open=True)
+        _check_range(f"{prefix}.cv_folds", self.cv_folds, 2, None)
+        _check_range(f"{prefix}.max_iter", self.max_iter, 1, None)
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """End-to-end fine-tuning of the pre-trained backbone with a new linear head."""
+
+    data_root: str | None = None  # None: the pipeline's own shards; else an ImageNet-layout folder
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 1e-3  # per 256 images
+    min_lr: float = 1e-6
+    warmup_epochs: int = 1
+    weight_decay: float = 0.05
+    layer_decay: float = 0.75
+    drop_path_rate: float = 0.1
+    label_smoothing: float = 0.1
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    num_workers: int = 1
+
+    def validate(self, prefix: str = "finetune") -> None:
+        _check_range(f"{prefix}.epochs", self.epochs, 1, None)
+        _check_range(f"{prefix}.batch_size", self.batch_size, 1, None)
+        _check_range(f"{prefix}.lr", self.lr, 0.0, None, low_open=True)
+        _check_range(f"{prefix}.min_lr", self.min_lr, 0.0, None)
+        _check_range(f"{prefix}.warmup_epochs", self.warmup_epochs, 0, self.epochs)
+        _check_range(f"{prefix}.weight_decay", self.weight_decay, 0.0, None)
+        _check_range(f"{prefix}.layer_decay", self.layer_decay, 0.0, 1.0, low_open=True)
+        _check_range(f"{prefix}.drop_path_rate", self.drop_path_rate, 0.0, 1.0)
+        _check_range(f"{prefix}.label_smoothing", self.label_smoothing, 0.0, 1.0)
+        _check_range(f"{prefix}.num_workers", self.num_workers, 0, None)
+
+
+@dataclass(frozen=True)
 class Params:
     """The whole of ``params.yaml``."""
 
@@ -225,6 +329,11 @@ class Params:
     masking: MaskingConfig = field(default_factory=MaskingConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    extract: ExtractConfig = field(default_factory=ExtractConfig)
+    knn: KnnConfig = field(default_factory=KnnConfig)
+    fewshot: FewshotConfig = field(default_factory=FewshotConfig)
+    linear: LinearConfig = field(default_factory=LinearConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def validate(self) -> None:
         _check_range("seed", self.seed, 0, 2**63 - 1)
@@ -233,6 +342,15 @@ class Params:
         self.masking.validate("masking")
         self.augment.validate(self.patch_size(), "augment")
         self.pretrain.validate("pretrain")
+        self.extract.validate(self.patch_size(), self.model.depth, "extract")
+        self.knn.validate("knn")
+        self.fewshot.validate("fewshot")
+        self.linear.validate("linear")
+        self.finetune.validate("finetune")
+
+    def extract_image_size(self) -> int:
+        """Evaluation image size: ``extract.image_size`` or the global crop size."""
+        return self.extract.image_size or self.augment.global_size
 
     def patch_size(self) -> int:
         """The model's patch size, from ``model.patch_size`` or the timm architecture."""
@@ -318,6 +436,10 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
             return None
         inner = [a for a in args if a is not type(None)]
         return _coerce(inner[0], value, key)
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+        if not isinstance(value, (list, tuple)):
+            raise ParamsError(key, f"expected a list, got {value!r}")
+        return tuple(_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value))
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ParamsError(key, f"expected a list of {len(args)} numbers, got {value!r}")

@@ -45,6 +45,8 @@ CHECKPOINT_FORMAT = 1
 # pretrain keys that change how a run is executed or logged, not what it computes:
 # a checkpoint ignores them, so a resumed run may change them and still match.
 RUN_CONTROL_KEYS = frozenset({"resume", "device", "num_workers", "checkpoint_every", "checkpoint_every_steps", "log_every"})
+# params sections that shape pre-training; evaluation sections may change freely
+PRETRAIN_SECTIONS = ("seed", "data", "model", "masking", "augment", "pretrain")
 LOGGED_SCALARS = ("loss_total", "loss_cls", "loss_patch", "masked_share")
 STEP_COLUMNS = ("step", "epoch", "loss_total", "loss_cls", "loss_patch", "lr", "weight_decay", "momentum", "teacher_temp", "masked_share")
 
@@ -456,7 +458,7 @@ class Pretrainer:
 
 def _computation_params(params: Params) -> dict[str, Any]:
     """The params that determine the trained weights (run-control keys removed)."""
-    values = params_to_dict(params)
+    values = {k: v for k, v in params_to_dict(params).items() if k in PRETRAIN_SECTIONS}
     values["pretrain"] = {k: v for k, v in values["pretrain"].items() if k not in RUN_CONTROL_KEYS}
     return values
 
