@@ -1,0 +1,53 @@
+"""DVC stage `fewshot`: k-NN with 1/5/10/20 labelled images per class -> reports/eval/fewshot.json.
+
+    python -m stages.fewshot
+
+Variants: ``pretrained`` (required) and ``random_init`` (if extracted).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import Params, load_params
+from pipeline.evaluation import fewshot_knn, load_variant, write_json
+from pipeline.tracking import RunRecord, record_run
+from stages.knn import FEATURES, required_variants
+
+OUTPUT = Path("reports/eval/fewshot.json")
+VARIANTS = ("pretrained", "random_init")
+
+
+def main(params: Params, record: RunRecord | None = None) -> dict[str, Any]:
+    """Write ``reports/eval/fewshot.json``: ``{variant: fewshot_knn result}``; returns the same."""
+    config = params.fewshot
+    results = {}
+    for variant in required_variants(FEATURES, VARIANTS):
+        train, val = load_variant(FEATURES, variant)
+        results[variant] = fewshot_knn(
+            train, val, config.shots, config.draws, config.k, config.temperature, seed=params.seed,
+            chunk_size=params.knn.chunk_size,
+        )
+        if record is not None:
+            for shots, value in results[variant].items():
+                if shots != "skipped":
+                    record.log_scalar(f"{variant}.top1.shots{shots}", value["mean"])
+    write_json(results, OUTPUT)
+    print(format_table(results, config.draws))
+    return results
+
+
+def format_table(results: dict[str, dict[str, Any]], draws: int) -> str:
+    """Mean +- std top-1 per shot count, one row per variant; skipped shot counts with their reason."""
+    lines = [f"few-shot k-NN top-1, mean +- std over {draws} draws"]
+    for variant, result in results.items():
+        cells = [f"{s}-shot {r['mean']:.2f} +- {r['std']:.2f}" for s, r in result.items() if s != "skipped"]
+        lines.append(f"  {variant:<14}" + "   ".join(cells))
+        for shots, reason in result["skipped"].items():
+            lines.append(f"  {'':<14}{shots}-shot skipped: {reason}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    params = load_params("params.yaml")
+    record_run("fewshot", params, lambda record: main(params, record))

@@ -1,0 +1,66 @@
+"""DVC stage `knn`: weighted k-NN (DINO protocol) on frozen features -> reports/eval/knn.json.
+
+    python -m stages.knn
+
+Evaluates every variant present under ``data/features/``: ``pretrained`` (required),
+``random_init`` and ``pixels`` (the floors the pre-training must beat).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import Params, load_params
+from pipeline.evaluation import available_variants, load_variant, weighted_knn, write_json
+from pipeline.tracking import RunRecord, record_run
+
+FEATURES = Path("data/features")
+OUTPUT = Path("reports/eval/knn.json")
+VARIANTS = ("pretrained", "random_init", "pixels")
+
+
+def main(params: Params, record: RunRecord | None = None) -> dict[str, Any]:
+    """Write ``reports/eval/knn.json``: ``{variant: weighted_knn result}``; returns the same."""
+    variants = required_variants(FEATURES, VARIANTS)
+    results = {}
+    for variant in variants:
+        train, val = load_variant(FEATURES, variant)
+        results[variant] = weighted_knn(
+            train.features, train.labels, val.features, val.labels, params.knn.k,
+            temperature=params.knn.temperature, chunk_size=params.knn.chunk_size,
+        )
+        if record is not None:
+            for metric in ("top1", "top5"):
+                for k, value in results[variant][metric].items():
+                    record.log_scalar(f"{variant}.{metric}.k{k}", value)
+    write_json(results, OUTPUT)
+    print(format_table(results))
+    return results
+
+
+def required_variants(root: Path, variants: tuple[str, ...]) -> list[str]:
+    """The variants present under ``root``; ``pretrained`` must be one of them."""
+    present = available_variants(root, variants)
+    if "pretrained" not in present:
+        raise FileNotFoundError(f"{root / 'pretrained' / 'train.npz'}: not found; run the extract stage first")
+    return present
+
+
+def format_table(results: dict[str, dict[str, Any]]) -> str:
+    """Top-1 / top-5 per k, one row per variant and metric."""
+    ks = list(next(iter(results.values()))["top1"])
+    temperature = next(iter(results.values()))["temperature"]
+    lines = [f"weighted k-NN (T={temperature:g})".ljust(24) + "".join(f"{'k=' + k:>9}" for k in ks)]
+    for variant, result in results.items():
+        for metric in ("top1", "top5"):
+            label = metric if metric == "top1" or result["top5_n"] == 5 else f"top{result['top5_n']}"
+            row = f"  {variant:<14}{label:<8}" + "".join(f"{result[metric][k]:9.2f}" for k in ks)
+            lines.append(row)
+        if result["clamped"]:
+            lines.append(f"  {'':<14}(k clamped to the {result['num_train']} train images: {sorted(result['clamped'], key=int)})")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    params = load_params("params.yaml")
+    record_run("knn", params, lambda record: main(params, record))
