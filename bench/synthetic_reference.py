@@ -3,13 +3,18 @@
     .venv/bin/python -m bench.synthetic_reference [--model cnn|vit|both|none] [--cnn-epochs 30]
 
 Renders a default-size generation in memory (params.yaml sizes: 10 classes,
-200 train + 50 val per class, 48 px) and prints:
+200 train + 50 val per class, 48 px, seed 0) and prints:
 
-- raw-pixel k-NN (k=20, cosine, flattened pixels): should be far below ...
-- colour-statistics probe (logistic regression on mean/std RGB + 4x4x4 colour
-  histogram): should be near chance, colour carries no class information;
-- a supervised upper bound: a small CNN and/or a small timm ViT trained for a
-  few minutes on CPU with flips and padded random crops.
+- raw-pixel k-NN (k=20, cosine, flattened pixels /255 and standardised);
+- a colour-statistics probe (logistic regression on mean/std RGB and a 4x4x4
+  colour histogram): near chance means colour carries no class information;
+- a supervised upper bound: a small CNN (default, ~4-5 min on 2 CPU cores)
+  and/or the pipeline's small timm ViT, with flips and padded random crops.
+
+Measured (seed 0, 2 shared CPU cores): raw-pixel k-NN 11.6% (/255) and 9.0%
+(standardised), colour probe 12.8%, small CNN 93.8% val / 97.8% train after
+30 epochs (256 s). The ViT (patch 4, 32 px, depth 4, dim 128) learns slowly
+from scratch on 2000 images: 14.0% val / 23.5% train after 30 epochs (~10 min).
 """
 from __future__ import annotations
 
@@ -158,9 +163,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-classes", type=int, default=10)
     parser.add_argument("--train-per-class", type=int, default=200)
-    parser.add_argument("--vit-img-size", type=int, default=48)
+    parser.add_argument("--vit-img-size", type=int, default=32)
     args = parser.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
 
     config = SyntheticConfig(num_classes=args.num_classes, train_per_class=args.train_per_class)
     start = time.time()

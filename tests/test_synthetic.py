@@ -165,3 +165,10 @@ def test_stage_refuses_imagefolder_pointing_at_its_own_output(tmp_path: Path, mo
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ParamsError, match="data.root"):
         main(_params("imagefolder", "data/synthetic"), progress=False)
+
+
+def test_worker_processes_give_the_same_bytes(tmp_path: Path, small_dataset: tuple[Path, dict]) -> None:
+    root, _ = small_dataset
+    parallel = tmp_path / "parallel"
+    generate_dataset(parallel, SMALL, seed=0, progress=False, workers=2)
+    assert _files(parallel) == _files(root)
