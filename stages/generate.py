@@ -15,6 +15,7 @@ from typing import Any
 
 from pipeline.config import SYNTHETIC_ROOT, Params, ParamsError, load_params
 from pipeline.synthetic import generate_dataset, replace_dir
+from pipeline.tracking import record_run
 
 NOT_USED_TEXT = (
     "data.source is 'imagefolder': the pipeline reads its images from data.root ({root}).\n"
@@ -59,4 +60,5 @@ def _write_not_used(root: Path, data_root: str) -> None:
 
 
 if __name__ == "__main__":
-    main(load_params("params.yaml"))
+    params = load_params("params.yaml")
+    record_run("generate", params, lambda record: main(params))
