@@ -1,0 +1,388 @@
+"""Frozen features for evaluation (the `extract` stage; DESIGN.md, "Evaluation").
+
+For each split (train = the selected subset, val = complete) and each variant,
+one pass over the split in its own order (no shuffle) with the centre-crop
+:func:`pipeline.augment.eval_transform`, written to
+``<out_dir>/<variant>/<split>.npz``:
+
+* ``pretrained``: the exported teacher backbone (safetensors, loaded strictly);
+* ``random_init``: the same architecture with weights drawn from
+  ``torch.manual_seed(derive_seed(seed, "random_init"))`` (the baseline);
+* ``pixels``: the eval-transformed (normalised) image, flattened.
+
+ViT features are the [CLS] token after the final norm (DINO). With
+``n_last_blocks = n`` the [CLS] tokens of the last ``n`` blocks, each passed
+through the final norm, are concatenated (DINO's linear evaluation); with
+``avgpool`` the mean of the last block's normed patch tokens is appended.
+Layout: ``[cls(block -n), ..., cls(block -1), avgpool?]``, so
+``D = embed_dim * (n + avgpool)``.
+
+Each ``.npz`` holds ``features`` (N, D) float32, ``labels`` (N,) int64 and
+``keys`` (N,) str (the shard sample keys, ``<split>_<index:06d>``, row i =
+sample i of the split). Files are written without timestamps (the same
+inputs give byte-identical files) to a temporary file that is renamed into
+place, so a crash never leaves a partial file under the final name.
+
+Under torchrun each rank extracts its share of the split
+(:class:`pipeline.shards.ShardDataset` with ``drop_last=False``: every sample
+exactly once in total) and rank 0 gathers the rows, puts them back in split
+order and writes.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import safetensors.torch
+import timm
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from tqdm import tqdm
+
+from pipeline.augment import eval_transform
+from pipeline.config import ModelConfig, Params
+from pipeline.distributed import DistContext, barrier
+from pipeline.seeding import derive_seed
+from pipeline.shards import ShardDataset, ShardSplit, open_split
+
+__all__ = [
+    "VARIANTS",
+    "SPLITS",
+    "FeatureSet",
+    "BackboneNotFoundError",
+    "create_backbone",
+    "load_backbone_state",
+    "load_backbone",
+    "random_backbone_state",
+    "random_backbone",
+    "vit_features",
+    "sample_keys",
+    "extract_split",
+    "extract_features",
+    "save_features",
+    "load_features",
+    "write_npz",
+]
+
+VARIANTS = ("pretrained", "random_init", "pixels")
+SPLITS = ("train", "val")
+# Fixed zip member timestamp (the earliest a zip can hold): np.savez stamps the wall clock.
+_ZIP_DATE = (1980, 1, 1, 0, 0, 0)
+
+
+class BackboneNotFoundError(FileNotFoundError):
+    """The backbone export is missing; the message names the file and the stage that writes it."""
+
+
+@dataclass(frozen=True)
+class FeatureSet:
+    """One split's features: row i is sample i of the split."""
+
+    features: np.ndarray  # (N, D) float32
+    labels: np.ndarray  # (N,) int64
+    keys: np.ndarray  # (N,) str
+
+    def __post_init__(self) -> None:
+        n = self.features.shape[0]
+        if self.features.ndim != 2 or self.labels.shape != (n,) or self.keys.shape != (n,):
+            raise ValueError(
+                f"inconsistent feature set: features {self.features.shape}, labels {self.labels.shape}, "
+                f"keys {self.keys.shape}"
+            )
+
+    @property
+    def dim(self) -> int:
+        return int(self.features.shape[1])
+
+    def __len__(self) -> int:
+        return int(self.features.shape[0])
+
+
+# ------------------------------------------------------------------ backbones
+def create_backbone(config: ModelConfig) -> timm.models.vision_transformer.VisionTransformer:
+    """A randomly initialised timm ViT (``num_classes=0``) of the export's shape, any crop size."""
+    return timm.create_model(config.arch, pretrained=False, num_classes=0, dynamic_img_size=True, **config.timm_shape())
+
+
+def load_backbone_state(path: str | Path) -> dict[str, Tensor]:
+    """The tensors of a backbone export (safetensors).
+
+    Raises:
+        BackboneNotFoundError: naming ``path`` when it does not exist.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise BackboneNotFoundError(
+            f"{path}: backbone export not found; run `python -m stages.pretrain` first (it writes this file)"
+        )
+    return safetensors.torch.load_file(str(path))
+
+
+def load_backbone(config: ModelConfig, path: str | Path) -> torch.nn.Module:
+    """The exported backbone loaded with ``strict=True`` (a shape mismatch is an error)."""
+    state = load_backbone_state(path)
+    vit = create_backbone(config)
+    try:
+        vit.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        raise RuntimeError(f"{path}: does not match model {config.arch} {config.timm_shape()}: {error}") from error
+    return vit
+
+
+def random_backbone_state(config: ModelConfig, seed: int) -> dict[str, Tensor]:
+    """Weights of the ``random_init`` baseline: timm's init under ``derive_seed(seed, "random_init")``.
+
+    The global generator is restored afterwards, so calling this changes nothing else.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(seed, "random_init"))
+        vit = create_backbone(config)
+    return {k: v.detach().clone() for k, v in vit.state_dict().items()}
+
+
+def random_backbone(config: ModelConfig, seed: int) -> torch.nn.Module:
+    vit = create_backbone(config)
+    vit.load_state_dict(random_backbone_state(config, seed), strict=True)
+    return vit
+
+
+# ------------------------------------------------------------------- features
+def vit_features(vit: torch.nn.Module, images: Tensor, n_last_blocks: int = 1, avgpool: bool = False) -> Tensor:
+    """``(B, D * (n_last_blocks + avgpool))`` float32 features of a timm ViT (see module docstring).
+
+    Runs the same submodules in the same order as ``forward_features`` (so
+    ``n_last_blocks=1`` gives exactly ``forward_features(images)[:, 0]``).
+    """
+    depth = len(vit.blocks)
+    if not 1 <= n_last_blocks <= depth:
+        raise ValueError(f"n_last_blocks must lie in [1, {depth}], got {n_last_blocks}")
+    x = vit.patch_embed(images)
+    x = vit._pos_embed(x)
+    x = vit.patch_drop(x)
+    x = vit.norm_pre(x)
+    normed: list[Tensor] = []
+    for i, block in enumerate(vit.blocks):
+        x = block(x)
+        if i >= depth - n_last_blocks:
+            normed.append(vit.norm(x))
+    parts = [tokens[:, 0] for tokens in normed]
+    if avgpool:
+        parts.append(normed[-1][:, vit.num_prefix_tokens:].mean(dim=1))
+    return torch.cat(parts, dim=-1).float()
+
+
+def sample_keys(split: ShardSplit, indices: np.ndarray | None = None) -> np.ndarray:
+    """Shard sample keys of ``split`` (``<split>_<index:06d>``, as :mod:`pipeline.data` names them)."""
+    if indices is None:
+        indices = np.arange(len(split))
+    return np.array([f"{split.split}_{int(i):06d}" for i in indices], dtype=str)
+
+
+Extractor = Callable[[Tensor], Tensor]
+
+
+@torch.no_grad()
+def extract_split(
+    split: ShardSplit,
+    extractors: Mapping[str, Extractor],
+    *,
+    image_size: int,
+    batch_size: int,
+    device: torch.device,
+    context: DistContext | None = None,
+    num_workers: int = 0,
+    progress_bar: bool = True,
+    desc: str | None = None,
+) -> dict[str, FeatureSet] | None:
+    """Run every extractor over one split in one pass; rows in split order.
+
+    Args:
+        extractors: name -> function of a ``(B, 3, S, S)`` batch on ``device``
+            returning ``(B, D)`` features (models already in eval mode).
+        batch_size: per-rank batch size.
+
+    Returns:
+        name -> :class:`FeatureSet` on rank 0, ``None`` on the other ranks.
+    """
+    context = context or DistContext()
+    dataset = ShardDataset(
+        split, batch_size=batch_size, transform=eval_transform(image_size), seed=0, epoch=0,
+        rank=context.rank, world_size=context.world_size, shuffle=False, drop_last=False,
+    )
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=device.type == "cuda",
+    )
+    chunks: dict[str, list[np.ndarray]] = {name: [] for name in extractors}
+    indices: list[np.ndarray] = []
+    bar = tqdm(loader, total=dataset.num_steps, desc=desc or f"extract {split.split}", unit="batch",
+               disable=not (progress_bar and context.is_main), dynamic_ncols=True)
+    for images, _labels, index in bar:
+        images = images.to(device, non_blocking=True)
+        for name, extractor in extractors.items():
+            chunks[name].append(extractor(images).float().cpu().numpy())
+        indices.append(index.numpy().astype(np.int64))
+    local_index = np.concatenate(indices) if indices else np.zeros(0, dtype=np.int64)
+    local = {
+        name: np.concatenate(parts) if parts else None
+        for name, parts in chunks.items()
+    }
+
+    if context.enabled:
+        gathered: list[Any] | None = [None] * context.world_size if context.is_main else None
+        dist.gather_object((local_index, local), gathered, dst=0)
+        if not context.is_main:
+            return None
+        assert gathered is not None
+        parts_index = [g[0] for g in gathered]
+        parts_feats = {name: [g[1][name] for g in gathered if g[1][name] is not None] for name in extractors}
+        local_index = np.concatenate(parts_index)
+        local = {name: np.concatenate(parts) if parts else None for name, parts in parts_feats.items()}
+
+    order = np.argsort(local_index, kind="stable")
+    if not np.array_equal(local_index[order], np.arange(len(split))):
+        raise RuntimeError(
+            f"extract {split.split}: got {len(local_index)} rows for {len(split)} samples; "
+            "every sample must be extracted exactly once"
+        )
+    labels = split.labels.astype(np.int64)
+    keys = sample_keys(split)
+    result = {}
+    for name, features in local.items():
+        if features is None:  # an empty split cannot happen (the shard stage refuses it)
+            raise RuntimeError(f"extract {split.split}: no samples")
+        result[name] = FeatureSet(np.ascontiguousarray(features[order], dtype=np.float32), labels.copy(), keys)
+    return result
+
+
+def _vit_extractor(vit: torch.nn.Module, n_last_blocks: int, avgpool: bool, device: torch.device) -> Extractor:
+    vit.eval().to(device)
+
+    def run(images: Tensor) -> Tensor:
+        # float32 on every device: features are compared across runs and machines
+        return vit_features(vit, images, n_last_blocks, avgpool)
+
+    return run
+
+
+def _pixels(images: Tensor) -> Tensor:
+    return images.flatten(1).float()
+
+
+def extract_features(
+    params: Params,
+    shards: str | Path,
+    backbone_path: str | Path,
+    out_dir: str | Path,
+    device: torch.device,
+    context: DistContext | None = None,
+    *,
+    variants: tuple[str, ...] = VARIANTS,
+    progress_bar: bool = True,
+) -> dict[str, Any]:
+    """Extract and write every variant for train and val; returns the ``extract.json`` summary.
+
+    The backbone export is checked before any image is read. Rank 0 writes
+    ``<out_dir>/<variant>/<split>.npz``; all ranks return the same summary.
+
+    Raises:
+        BackboneNotFoundError: ``backbone_path`` missing (with ``pretrained`` asked).
+    """
+    context = context or DistContext()
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown feature variants {unknown}; expected some of {list(VARIANTS)}")
+    config = params.extract
+    extractors: dict[str, Extractor] = {}
+    for variant in variants:
+        if variant == "pretrained":
+            vit = load_backbone(params.model, backbone_path)
+            extractors[variant] = _vit_extractor(vit, config.n_last_blocks, config.avgpool, device)
+        elif variant == "random_init":
+            vit = random_backbone(params.model, params.seed)
+            extractors[variant] = _vit_extractor(vit, config.n_last_blocks, config.avgpool, device)
+        else:
+            extractors[variant] = _pixels
+    image_size = params.extract_image_size()
+    out_dir = Path(out_dir)
+    summary: dict[str, Any] = {
+        "image_size": image_size,
+        "n_last_blocks": config.n_last_blocks,
+        "avgpool": config.avgpool,
+        "variants": {v: {} for v in variants},
+    }
+    for split_name in SPLITS:
+        split = open_split(shards, split_name)
+        summary["num_classes"] = split.num_classes
+        sets = extract_split(
+            split, extractors, image_size=image_size, batch_size=config.batch_size, device=device,
+            context=context, num_workers=config.num_workers, progress_bar=progress_bar,
+        )
+        if sets is not None:
+            for variant, feature_set in sets.items():
+                save_features(out_dir / variant / f"{split_name}.npz", feature_set)
+                summary["variants"][variant]["dim"] = feature_set.dim
+                summary["variants"][variant][split_name] = len(feature_set)
+        split.close()
+    barrier(context)
+    if context.enabled:  # the counts and dims are known on rank 0 only
+        box = [summary]
+        dist.broadcast_object_list(box, src=0)
+        summary = box[0]
+    return summary
+
+
+# ----------------------------------------------------------------------- files
+def write_npz(path: str | Path, arrays: Mapping[str, np.ndarray]) -> None:
+    """An uncompressed ``.npz`` (what ``np.savez`` writes) without timestamps, written atomically.
+
+    ``np.savez`` stamps every member with the wall clock, so two writes of the
+    same arrays differ; here every member has a fixed date. The bytes go to a
+    temporary file in the same folder, are flushed to disk and renamed over
+    ``path``: a reader sees the old file or the new one, never a partial one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            with zipfile.ZipFile(handle, mode="w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+                for key, value in arrays.items():
+                    info = zipfile.ZipInfo(f"{key}.npy", date_time=_ZIP_DATE)
+                    info.compress_type = zipfile.ZIP_STORED
+                    info.external_attr = 0o644 << 16
+                    with archive.open(info, mode="w", force_zip64=True) as member:
+                        np.lib.format.write_array(member, np.asanyarray(value), allow_pickle=False)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_features(path: str | Path, feature_set: FeatureSet) -> None:
+    """Write one split's features (keys ``features``, ``labels``, ``keys``) atomically."""
+    write_npz(path, {
+        "features": np.ascontiguousarray(feature_set.features, dtype=np.float32),
+        "labels": np.ascontiguousarray(feature_set.labels, dtype=np.int64),
+        "keys": np.ascontiguousarray(feature_set.keys).astype(str),
+    })
+
+
+def load_features(path: str | Path) -> FeatureSet:
+    """Read a file written by :func:`save_features` (no pickles allowed).
+
+    Raises:
+        FileNotFoundError: naming the file and the stage that writes it.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: features not found; run `python -m stages.extract` first")
+    with np.load(path, allow_pickle=False) as data:
+        return FeatureSet(data["features"], data["labels"], data["keys"])

@@ -1,0 +1,57 @@
+"""DVC stage `extract`: frozen features (pretrained / random_init / pixels) for train and val.
+
+    python -m stages.extract                       # CPU or one GPU
+    torchrun --nproc_per_node=8 -m stages.extract  # each rank extracts its share, rank 0 writes
+
+Writes ``data/features/<variant>/{train,val}.npz`` and ``reports/eval/extract.json``.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.checkpoint import atomic_write_bytes
+from pipeline.config import Params, load_params
+from pipeline.distributed import init_distributed, resolve_device, shutdown
+from pipeline.features import extract_features, load_backbone_state
+from pipeline.tracking import RunRecord, record_run
+
+SHARDS = Path("data/shards")
+BACKBONE = Path("models/pretrain/backbone.safetensors")
+FEATURES = Path("data/features")
+REPORT = Path("reports/eval/extract.json")
+
+
+def main(params: Params, record: RunRecord | None = None, progress_bar: bool = True) -> dict[str, Any]:
+    """Extract every variant; returns the summary written to ``reports/eval/extract.json``."""
+    from pipeline.training import configure_determinism
+
+    configure_determinism()
+    load_backbone_state(BACKBONE)  # a missing export fails here, before any process group or image
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(params.extract.device, local_rank, key="extract.device")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # object collectives on NCCL use the current device
+    context = init_distributed(device)
+    try:
+        summary = extract_features(params, SHARDS, BACKBONE, FEATURES, device, context, progress_bar=progress_bar)
+        if context.is_main:
+            atomic_write_bytes(REPORT, (json.dumps(summary, indent=2, sort_keys=True) + "\n").encode())
+            if record is not None:
+                record.add_artifact(REPORT, name="extract.json")
+            dims = ", ".join(f"{v} {s['dim']}" for v, s in summary["variants"].items())
+            counts = next(iter(summary["variants"].values()))
+            print(f"extract: train {counts['train']} / val {counts['val']} images; dims {dims} -> {FEATURES}")
+        return summary
+    finally:
+        shutdown(context)
+
+
+if __name__ == "__main__":
+    params = load_params("params.yaml")
+    is_main_rank = int(os.environ.get("RANK", "0")) == 0
+    record_run("extract", params, lambda record: main(params, record), enabled=is_main_rank)

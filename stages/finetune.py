@@ -1,0 +1,58 @@
+"""DVC stage `finetune`: end-to-end fine-tuning from the pre-trained backbone and from random init.
+
+    python -m stages.finetune                       # CPU or one GPU
+    torchrun --nproc_per_node=8 -m stages.finetune  # DDP, the global batch split across ranks
+
+Data: ``data/shards`` (train = the labelled subset, val), or ``finetune.data_root``
+(an ImageNet-layout folder, sharded into ``data/finetune_shards`` first).
+Writes ``models/finetune/<variant>.safetensors``, ``reports/eval/finetune.json``
+and ``reports/eval/finetune_curve.csv``.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.config import Params, load_params
+from pipeline.distributed import init_distributed, resolve_device, shutdown
+from pipeline.finetune import FINETUNE_VARIANTS, backbone_for_variant, run_finetune, write_finetune_reports
+from pipeline.tracking import RunRecord, record_run
+
+SHARDS = Path("data/shards")
+FINETUNE_SHARDS = Path("data/finetune_shards")
+BACKBONE = Path("models/pretrain/backbone.safetensors")
+MODELS = Path("models/finetune")
+REPORTS = Path("reports/eval")
+
+
+def main(params: Params, record: RunRecord | None = None, progress_bar: bool = True) -> dict[str, Any]:
+    """Fine-tune both variants; returns their metrics, wall times and the run's set-up."""
+    backbone_for_variant(params, "pretrained", BACKBONE)  # a missing export fails before any heavy work
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(params.finetune.device, local_rank, key="finetune.device")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    context = init_distributed(device)
+    try:
+        summary = run_finetune(params, SHARDS, BACKBONE, MODELS, device, context, variants=FINETUNE_VARIANTS,
+                               finetune_shards=FINETUNE_SHARDS, record=record, progress_bar=progress_bar)
+        if context.is_main:
+            write_finetune_reports(summary["metrics"], REPORTS)
+            for variant, metrics in summary["metrics"].items():
+                print(
+                    f"finetune {variant}: top-1 {metrics['top1']:.2f} (best {metrics['best_top1']:.2f} at epoch "
+                    f"{metrics['best_epoch']}), top-{metrics['topk']} {metrics['top5']:.2f}, "
+                    f"{summary['wall_seconds'][variant]:.0f} s"
+                )
+        return summary
+    finally:
+        shutdown(context)
+
+
+if __name__ == "__main__":
+    params = load_params("params.yaml")
+    is_main_rank = int(os.environ.get("RANK", "0")) == 0
+    record_run("finetune", params, lambda record: main(params, record), enabled=is_main_rank)
