@@ -24,8 +24,6 @@ timm attributes relied on (checked at construction, see ``_check_vit``):
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import safetensors.torch
@@ -36,6 +34,7 @@ from timm.models import checkpoint_seq
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
+from pipeline.checkpoint import atomic_write_bytes
 from pipeline.config import ModelConfig
 
 __all__ = [
@@ -354,20 +353,8 @@ def save_backbone_safetensors(
     state_dict: dict[str, Tensor], path: str | Path, metadata: dict[str, str] | None = None
 ) -> None:
     """Write a backbone state dict as safetensors, atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
-    data = safetensors.torch.save(tensors, metadata=metadata)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(Path(path), safetensors.torch.save(tensors, metadata=metadata))
 
 
 def load_backbone_safetensors(
