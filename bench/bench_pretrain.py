@@ -68,7 +68,7 @@ def measure(trainers: dict[str, Pretrainer], rounds: int, warmup: int = 2) -> di
         order = names[round_index % len(names):] + names[: round_index % len(names)]
         for strategy in order:
             start = time.perf_counter()
-            trainers[strategy].train_step(crops, epoch=0, step=round_index)
+            trainers[strategy].train_step(crops, epoch=0, step=0)  # same step: identical work each round
             elapsed = time.perf_counter() - start
             if round_index >= warmup:
                 times[strategy].append(elapsed)

@@ -16,7 +16,6 @@ import yaml
 
 from pipeline.augment import eval_transform
 from pipeline.config import params_from_dict
-from pipeline.distributed import DistContext
 from pipeline.features import (
     VARIANTS,
     BackboneNotFoundError,
