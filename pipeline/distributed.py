@@ -36,6 +36,11 @@ class DistContext:
         return self.world_size > 1
 
 
+def launched_as_main_rank() -> bool:
+    """True unless torchrun started this process as a rank other than 0 (read before init)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def resolve_device(name: str, local_rank: int = 0, key: str = "pretrain.device") -> torch.device:
     """``auto`` -> CUDA if available else CPU; ``cuda`` without a GPU is an error naming ``key``."""
     if name == "auto":

@@ -16,7 +16,7 @@ import torch
 
 from pipeline.checkpoint import atomic_write_bytes
 from pipeline.config import Params, load_params
-from pipeline.distributed import init_distributed, resolve_device, shutdown
+from pipeline.distributed import init_distributed, launched_as_main_rank, resolve_device, shutdown
 from pipeline.features import extract_features, load_backbone_state
 from pipeline.tracking import RunRecord, record_run
 
@@ -53,5 +53,4 @@ def main(params: Params, record: RunRecord | None = None, progress_bar: bool = T
 
 if __name__ == "__main__":
     params = load_params("params.yaml")
-    is_main_rank = int(os.environ.get("RANK", "0")) == 0
-    record_run("extract", params, lambda record: main(params, record), enabled=is_main_rank)
+    record_run("extract", params, lambda record: main(params, record), enabled=launched_as_main_rank())

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from pipeline.config import Params, load_params
-from pipeline.distributed import init_distributed, resolve_device, shutdown
+from pipeline.distributed import init_distributed, launched_as_main_rank, resolve_device, shutdown
 from pipeline.finetune import FINETUNE_VARIANTS, backbone_for_variant, run_finetune, write_finetune_reports
 from pipeline.tracking import RunRecord, record_run
 
@@ -54,5 +54,4 @@ def main(params: Params, record: RunRecord | None = None, progress_bar: bool = T
 
 if __name__ == "__main__":
     params = load_params("params.yaml")
-    is_main_rank = int(os.environ.get("RANK", "0")) == 0
-    record_run("finetune", params, lambda record: main(params, record), enabled=is_main_rank)
+    record_run("finetune", params, lambda record: main(params, record), enabled=launched_as_main_rank())

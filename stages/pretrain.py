@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import Params, load_params
-from pipeline.distributed import init_distributed, resolve_device, shutdown
+from pipeline.distributed import init_distributed, launched_as_main_rank, resolve_device, shutdown
 from pipeline.tracking import RunRecord, record_run
 from pipeline.training import PretrainPaths, configure_determinism, pretrain, write_training_records
 
@@ -43,5 +43,4 @@ def main(params: Params, record: RunRecord | None = None, progress_bar: bool = T
 
 if __name__ == "__main__":
     params = load_params("params.yaml")
-    is_main_rank = int(os.environ.get("RANK", "0")) == 0
-    record_run("pretrain", params, lambda record: main(params, record), enabled=is_main_rank)
+    record_run("pretrain", params, lambda record: main(params, record), enabled=launched_as_main_rank())
