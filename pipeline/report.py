@@ -4,7 +4,8 @@
 ``fewshot``  mean top-1 per shot count (``fewshot_std`` the spread over draws)
 ``linear``   ``{"top1": ...}`` of the logistic-regression probe
 ``finetune`` ``{"top1": ...}`` of end-to-end fine-tuning
-``pretrain`` final losses, masked share, images/s, wall seconds
+``pretrain`` final losses and masked share (images/s and wall seconds are clock readings:
+             ``reports/timing/pretrain.json``, not here, so that reruns give identical bytes)
 ``baselines`` the same evaluations of the random-init backbone and raw pixels
 
 and render the human-readable report (the `report` stage): :func:`collect_report`
@@ -40,7 +41,6 @@ def collect_metrics(eval_dir: Path, pretrain_dir: Path, variant: str = "pretrain
     linear = _read(eval_dir / "linear.json")
     finetune = _read(eval_dir / "finetune.json")
     pretrain = _read(pretrain_dir / "metrics.json")
-    timing = _read(pretrain_dir / "timing.json")
 
     def fewshot_means(entry: dict[str, Any]) -> dict[str, float]:
         return {shots: run["mean"] for shots, run in entry.items() if shots != "skipped"}
@@ -65,8 +65,6 @@ def collect_metrics(eval_dir: Path, pretrain_dir: Path, variant: str = "pretrain
         "final_loss_cls": pretrain["final_loss_cls"],
         "final_loss_patch": pretrain["final_loss_patch"],
         "masked_share": pretrain["masked_share"],
-        "images_per_second": timing["images_per_second"],
-        "wall_seconds": timing["wall_seconds"],
     }
     metrics["baselines"] = {name: evaluations(name) for name in ("random_init", "pixels") if evaluations(name)}
     return metrics

@@ -5,16 +5,30 @@ Every stage runs inside :func:`record_run`, which stores a sacred run under
 commit, captured metrics, the result and small artifacts. Run records are not
 DVC outputs (they contain wall-clock times and host names, so they would break
 byte-identical reruns); the report names the record instead.
+
+Timing convention: after the stage's ``main`` returns, :func:`record_run` also
+writes ``reports/timing/<stage>.json`` (stage, sacred run id, wall seconds, the
+machine, and whatever the stage passed to :meth:`RunRecord.add_timing`) and one
+``reports/timing/<stage>_<name>.csv`` per :meth:`RunRecord.add_timing_table`.
+Like the run records these files are volatile and deliberately not DVC outputs:
+every DVC-declared output must be byte-identical on ``dvc repro --force``, so
+anything measured with a clock goes here and nowhere else.
 """
 from __future__ import annotations
 
+import json
 import os
+import platform
+import socket
+import sys
+import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from pipeline.config import Params, params_to_dict
 
 RUNS_DIR = Path(os.environ.get("ATTMASK_RUNS_DIR", "runs/sacred"))
+TIMING_DIR = Path(os.environ.get("ATTMASK_TIMING_DIR", "reports/timing"))
 
 
 class RunRecord:
@@ -23,6 +37,16 @@ class RunRecord:
     def __init__(self, run: Any | None, directory: Path | None):
         self._run = run
         self.directory = directory
+        self.timing: dict[str, Any] = {}
+        self.timing_tables: dict[str, tuple[tuple[str, ...], list[Sequence[Any]]]] = {}
+
+    def add_timing(self, **values: Any) -> None:
+        """Volatile measurements (images/s, per-variant seconds, device) for ``reports/timing/<stage>.json``."""
+        self.timing.update(values)
+
+    def add_timing_table(self, name: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+        """A volatile table (e.g. throughput per step) for ``reports/timing/<stage>_<name>.csv``."""
+        self.timing_tables[name] = (tuple(columns), [tuple(r) for r in rows])
 
     def log_scalar(self, name: str, value: float, step: int | None = None) -> None:
         if self._run is not None:
@@ -43,10 +67,13 @@ def record_run(
     main: Callable[[RunRecord], dict[str, Any]],
     runs_dir: Path | None = None,
     enabled: bool = True,
+    timing_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Run ``main`` as a sacred experiment named ``stage`` and return its result.
 
-    ``enabled=False`` (used by tests) runs ``main`` with a record that stores nothing.
+    Then writes the stage's timing files under ``timing_dir`` (default
+    ``reports/timing``). ``enabled=False`` (tests, and every torchrun rank but
+    the first) runs ``main`` with a record that stores nothing and writes no timing.
     """
     if not enabled:
         return main(RunRecord(None, None))
@@ -63,17 +90,83 @@ def record_run(
     experiment.observers.append(observer)
     experiment.add_config(params_to_dict(params))
     result: dict[str, Any] = {}
+    records: list[RunRecord] = []
+    wall: list[float] = []
 
     @experiment.main
     def _main(_run: Any) -> dict[str, Any]:
         record = RunRecord(_run, Path(observer.dir) if observer.dir else None)
+        records.append(record)
         record.set_info("package_versions", package_versions())
+        start = time.perf_counter()
         result.update(main(record))
+        wall.append(time.perf_counter() - start)
+        record.set_info("timing", _jsonable(record.timing))
         return _jsonable(result)
 
     run = experiment.run(options={"--loglevel": "WARNING"})
     result["sacred_run"] = {"stage": stage, "id": run._id, "dir": str(observer.dir)}
+    write_timing(stage, result["sacred_run"], wall[0], records[0], Path(timing_dir or TIMING_DIR))
     return result
+
+
+def write_timing(stage: str, sacred_run: dict[str, Any] | None, wall_seconds: float, record: RunRecord,
+                 directory: Path) -> Path:
+    """``<directory>/<stage>.json`` (+ one CSV per timing table); returns the JSON path.
+
+    ``sacred_run`` is ``{"stage", "id", "dir"}`` of the run record (None: not recorded).
+    """
+    timing = {"stage": stage, "sacred_run": sacred_run, "wall_seconds": wall_seconds, "machine": machine_info()}
+    timing.update(record.timing)
+    for name, (columns, rows) in record.timing_tables.items():
+        lines = [",".join(columns)] + [",".join(str(v) for v in row) for row in rows]
+        _atomic_write_text(directory / f"{stage}_{name}.csv", "\n".join(lines) + "\n")
+    path = directory / f"{stage}.json"
+    _atomic_write_text(path, json.dumps(_jsonable(timing), indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def machine_info() -> dict[str, Any]:
+    """Where a stage ran: ``device`` (cpu | cuda), ``gpu``, ``gpu_count``, ``cpu`` model, ``cpus``, ``threads``, host.
+
+    The device is ``cpu`` unless the stage itself initialised CUDA (torch is not
+    imported here: a stage that never loaded torch used no GPU).
+    """
+    torch = sys.modules.get("torch")
+    info: dict[str, Any] = {"device": "cpu"}
+    if torch is not None and torch.cuda.is_initialized():
+        info.update(device="cuda", gpu=torch.cuda.get_device_name(), gpu_count=torch.cuda.device_count())
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count()
+    info.update(
+        cpu=_cpu_model(),
+        cpus=cpus,
+        threads=torch.get_num_threads() if torch is not None else None,
+        world_size=int(os.environ.get("WORLD_SIZE", "1")),
+        hostname=socket.gethostname(),
+        platform=platform.platform(),
+    )
+    return info
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    # a reader (the report stage) never sees half a file
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 TRACKED_PACKAGES = ("torch", "torchvision", "timm", "webdataset", "dvc", "sacred", "scikit-learn", "numpy", "pillow")

@@ -469,18 +469,19 @@ def _epoch_mean(history: list[list[float]], epoch: int, column: int) -> float | 
 
 
 def write_training_records(summary: dict[str, Any], history: list[list[float]], reports: Path) -> None:
-    """DVC plots and metrics files under ``reports`` (deterministic ones apart from timing)."""
+    """DVC plots and metrics files under ``reports``, all deterministic.
+
+    Clock readings (images/s, wall time, throughput per step) go to ``reports/timing``
+    through the run record instead (:mod:`pipeline.tracking`).
+    """
     reports.mkdir(parents=True, exist_ok=True)
     _write_csv(reports / "steps.csv", STEP_COLUMNS, history)
     epochs = sorted({int(r[1]) for r in history})
     epoch_rows = [[e] + [_epoch_mean(history, e, i) for i in range(2, len(STEP_COLUMNS))] for e in epochs]
     _write_csv(reports / "epochs.csv", ("epoch",) + STEP_COLUMNS[2:], epoch_rows)
-    _write_csv(reports / "throughput.csv", ("step", "images_per_second"), summary["throughput"])
     deterministic = {k: summary[k] for k in ("final_loss", "final_loss_cls", "final_loss_patch", "first_epoch_loss",
                                              "masked_share", "steps", "epochs")}
-    timing = {k: summary[k] for k in ("images_per_second", "wall_seconds", "device", "world_size", "threads", "resumed")}
     (reports / "metrics.json").write_text(json.dumps(deterministic, indent=2, sort_keys=True) + "\n")
-    (reports / "timing.json").write_text(json.dumps(timing, indent=2, sort_keys=True) + "\n")
 
 
 def _write_csv(path: Path, columns: tuple[str, ...], rows: list[Any]) -> None:

@@ -41,6 +41,8 @@ def main(params: Params, record: RunRecord | None = None, progress_bar: bool = T
                                finetune_shards=FINETUNE_SHARDS, record=record, progress_bar=progress_bar)
         if context.is_main:
             write_finetune_reports(summary["metrics"], REPORTS)
+            if record is not None:  # clock readings: reports/timing, not DVC outputs
+                record.add_timing(seconds_per_variant=summary["wall_seconds"])
             for variant, metrics in summary["metrics"].items():
                 print(
                     f"finetune {variant}: top-1 {metrics['top1']:.2f} (best {metrics['best_top1']:.2f} at epoch "

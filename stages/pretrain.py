@@ -31,6 +31,10 @@ def main(params: Params, record: RunRecord | None = None, progress_bar: bool = T
 
             history = load_checkpoint(paths.checkpoint)["history"].tolist()
             write_training_records(summary, history, paths.reports)
+            if record is not None:  # clock readings: reports/timing, not DVC outputs
+                record.add_timing(images_per_second=summary["images_per_second"], loop_seconds=summary["wall_seconds"],
+                                  resumed=summary["resumed"])
+                record.add_timing_table("throughput", ("step", "images_per_second"), summary["throughput"])
             print(
                 f"pretrain: {summary['epochs']} epochs, {summary['steps']} steps, loss "
                 f"{summary['first_epoch_loss']:.4f} -> {summary['final_loss']:.4f}, "

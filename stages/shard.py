@@ -22,6 +22,7 @@ def main(params: Params, record: RunRecord | None = None, progress_bar: bool = T
     summary = result.summary()
     if record is not None:
         record.add_artifact(SHARDS / "manifest.json", name="manifest.json")
+        record.add_timing(images_per_second=summary["images_per_second"])
         for split, totals in summary["totals"].items():
             for key, value in totals.items():
                 record.log_scalar(f"{split}.{key}", value)
