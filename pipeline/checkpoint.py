@@ -22,7 +22,12 @@ class CheckpointError(RuntimeError):
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file and an atomic rename."""
+    """Write ``data`` to ``path`` via a temporary file and an atomic rename.
+
+    Raises:
+        OSError: the write failed (disk full, file too large, ...); same errno,
+            the message names ``path`` and says the previous file is untouched.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -32,9 +37,25 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+    except OSError as error:
+        Path(tmp).unlink(missing_ok=True)
+        raise write_error(error, path) from error
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_error(error: OSError, path: Path, what: str = "file") -> OSError:
+    """``error`` (same errno, so the same OSError subclass) with a message naming ``path``.
+
+    The bare "[Errno 28] No space left on device" names no file and says
+    nothing of the previous one; callers raise this after removing their
+    temporary file, so the previous ``path`` is indeed untouched.
+    """
+    detail = f"{error.strerror or error}" + (f": {error.filename}" if error.filename else "")
+    kept = f"the previous {what} is kept unchanged" if Path(path).exists() else f"no {what} was written"
+    message = f"{path}: writing failed ({detail}); {kept}"
+    return OSError(error.errno, message) if error.errno else OSError(message)
 
 
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
@@ -68,6 +89,9 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # truncated zip, pickle with code, wrong format
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(error).__name__}: {error})") from error
+    if not isinstance(state, dict):  # e.g. a bare tensor: callers index it by key
+        raise CheckpointError(f"{path}: not a checkpoint (holds a {type(state).__name__}, expected a dict of tensors)")
+    return state

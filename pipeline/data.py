@@ -2,8 +2,9 @@
 
 Input is an ImageNet-layout folder ``root/train/<class>/*`` and
 ``root/val/<class>/*``. Classes are sorted by name (torchvision ImageFolder
-order, hidden ``.folders`` skipped); files are every regular file below a
-class folder, sorted by relative path.
+order, hidden ``.folders`` skipped); files are every entry below a class
+folder that is not a folder, sorted by relative path (symlinks, FIFOs and the
+like are rejected with a reason, never read blocking and never left uncounted).
 
 Choices made here (also in the manifest's ``policy``):
 
@@ -27,12 +28,14 @@ Choices made here (also in the manifest's ``policy``):
 """
 from __future__ import annotations
 
+import glob
 import hashlib
 import io
 import json
 import math
 import os
 import shutil
+import stat
 import tempfile
 import time
 import warnings
@@ -48,6 +51,7 @@ import webdataset as wds
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from pipeline.checkpoint import write_error
 from pipeline.config import SYNTHETIC_ROOT, DataConfig
 from pipeline.seeding import make_generator
 
@@ -166,7 +170,7 @@ def scan_folder(root: str | Path) -> FolderScan:
             raise DatasetError(f"{folder}: no class folders; expected {split}/<class>/<image>")
         per_split[split] = {}
         for name in names:
-            rels = _regular_files(root, folder / name)
+            rels = _candidate_files(root, folder / name)
             if not rels:
                 problems.append(f"{folder / name}: empty class folder; expected at least one image file")
             per_split[split][name] = rels
@@ -190,9 +194,16 @@ def scan_folder(root: str | Path) -> FolderScan:
     return FolderScan(root, classes, files)
 
 
-def _regular_files(root: Path, folder: Path) -> list[str]:
-    """Regular files anywhere below ``folder`` (as ImageFolder walks), relative to root, sorted."""
-    return sorted(p.relative_to(root).as_posix() for p in folder.rglob("*") if p.is_file())
+def _candidate_files(root: Path, folder: Path) -> list[str]:
+    """Every entry below ``folder`` that is not a real folder, relative to root, sorted.
+
+    Symlinks (dangling or to a folder), FIFOs and sockets are listed too, so
+    :func:`check_file` rejects them with a reason instead of their vanishing
+    from the counts. Symlinked folders are not descended into (no loops).
+    """
+    return sorted(
+        p.relative_to(root).as_posix() for p in folder.rglob("*") if p.is_symlink() or not p.is_dir()
+    )
 
 
 # ------------------------------------------------------------------ image checks
@@ -256,12 +267,30 @@ def _too_large(width: int, height: int, max_pixels: int) -> str:
 
 
 def check_file(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageCheck:
-    """:func:`check_image` on a file; an unreadable file is rejected, not raised."""
+    """:func:`check_image` on a file; an unreadable or non-regular file is rejected, not raised."""
+    path = Path(path)
     try:
-        data = Path(path).read_bytes()
+        # O_NONBLOCK: opening a FIFO must not wait for a writer (the stage would hang)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as error:
+        if path.is_symlink() and not path.exists():
+            return ImageCheck(None, f"broken symbolic link to {os.readlink(path)!r} ({error.strerror})", "")
+        return ImageCheck(None, f"unreadable: {type(error).__name__}: {error}", "")
+    try:
+        kind = stat.S_IFMT(os.fstat(fd).st_mode)
+        if kind != stat.S_IFREG:
+            return ImageCheck(None, f"not a regular file ({_FILE_KINDS.get(kind, 'special file')})", "")
+        with os.fdopen(fd, "rb", closefd=False) as handle:
+            data = handle.read()
     except OSError as error:
         return ImageCheck(None, f"unreadable: {type(error).__name__}: {error}", "")
+    finally:
+        os.close(fd)
     return check_image(data, max_pixels)
+
+
+_FILE_KINDS = {stat.S_IFDIR: "a folder", stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket",
+               stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device"}
 
 
 def _check_job(job: tuple[str, int]) -> ImageCheck:
@@ -380,6 +409,7 @@ def write_shards(
         "shards": [],
         "rejected": rejected,
     }
+    remove_stale_temporaries(out_dir, ".tmp-*")
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         total = sum(len(samples) for _, samples in plan)
@@ -387,7 +417,10 @@ def write_shards(
             for name, samples in plan:
                 manifest["shards"].append(_write_one_shard(tmp / name, samples, checks, bar))
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
-        _replace_dir(tmp, out_dir)
+        replace_dir(tmp, out_dir)
+    except OSError as error:  # disk full, file too large, ...: say which folder and that the old one is intact
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise write_error(error, out_dir, "shard folder") from error
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -519,7 +552,19 @@ def _check_replaceable(out_dir: Path) -> None:
     out_dir.parent.mkdir(parents=True, exist_ok=True)
 
 
-def _replace_dir(new: Path, target: Path) -> None:
+def remove_stale_temporaries(target: Path, pattern: str) -> None:
+    """Delete the temporary folders ``.<target name><pattern>`` that a killed run left beside ``target``.
+
+    They only ever hold partial output (the finished one is renamed away), so
+    nothing is lost; a second run writing the same ``target`` at the same time
+    is not supported anyway.
+    """
+    for stale in target.parent.glob(f".{glob.escape(target.name)}{pattern}"):
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def replace_dir(new: Path, target: Path) -> None:
     """Swap ``new`` into ``target`` by rename; the old folder is removed only after the swap."""
     os.chmod(new, 0o755)  # mkdtemp makes it 0700
     if not target.exists():
