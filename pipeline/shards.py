@@ -23,11 +23,13 @@ Plain webdataset readers work on the same files, e.g.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
 import os
 import random
+import re
 import tarfile
 from collections import OrderedDict
 from contextlib import contextmanager
@@ -40,12 +42,15 @@ import torch
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
-from pipeline.data import MANIFEST_FORMAT, MANIFEST_NAME, SPLITS, sha256_file, to_rgb
+from pipeline.data import DEFAULT_MAX_PIXELS, MANIFEST_FORMAT, MANIFEST_NAME, SPLITS, sha256_file, to_rgb
 from pipeline.seeding import derive_seed, make_generator
 
 IMAGE_EXTS = ("jpg", "png")
 MAX_OPEN_SHARDS = 64  # per process; well under the usual 1024 open-file limit
 _MEMBER_EXTS = {"jpg", "png", "cls", "json"}
+# what pipeline.data writes ("train_000042", "val-000000.tar"); anything else could be a path
+_SAFE_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+_SAFE_SHARD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*\.tar")
 
 
 class ShardIntegrityError(RuntimeError):
@@ -77,9 +82,41 @@ def read_manifest(shard_dir: str | Path) -> dict[str, Any]:
         manifest = json.loads(path.read_text())
     except (OSError, ValueError) as error:
         raise ShardIntegrityError(f"{path}: unreadable manifest: {error}") from error
-    if manifest.get("format") != MANIFEST_FORMAT:
-        raise ShardIntegrityError(f"{path}: manifest format {manifest.get('format')!r}, expected {MANIFEST_FORMAT}")
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise ShardIntegrityError(f"{path}: manifest format {found!r}, expected {MANIFEST_FORMAT}")
+    _check_manifest(manifest, path)
     return manifest
+
+
+def _check_manifest(manifest: dict[str, Any], path: Path) -> None:
+    """The fields the reader relies on have the right types, and shard names stay inside the folder.
+
+    A manifest travels with the shards, so it is input like them: a name such
+    as ``../../x.tar`` or ``/etc/x.tar`` would otherwise make the reader open a
+    file outside the shard folder.
+    """
+    classes = manifest.get("classes")
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
+        raise ShardIntegrityError(f"{path}: manifest 'classes' must be a non-empty list of class names")
+    max_pixels = manifest.get("max_pixels")
+    if max_pixels is not None and (not isinstance(max_pixels, int) or isinstance(max_pixels, bool) or max_pixels < 1):
+        raise ShardIntegrityError(f"{path}: manifest 'max_pixels' must be a positive integer, got {max_pixels!r}")
+    shards = manifest.get("shards")
+    if not isinstance(shards, list):
+        raise ShardIntegrityError(f"{path}: manifest 'shards' must be a list")
+    fields = {f.name for f in dataclasses.fields(ShardEntry)}
+    for i, entry in enumerate(shards):
+        if not isinstance(entry, dict) or set(entry) != fields:
+            raise ShardIntegrityError(f"{path}: manifest shards[{i}] must have exactly the fields {sorted(fields)}")
+        name = entry["name"]
+        if not isinstance(name, str) or not _SAFE_SHARD_NAME.fullmatch(name):
+            raise ShardIntegrityError(
+                f"{path}: manifest shards[{i}] name {name!r} is not a plain .tar file name in the shard folder"
+            )
+        bad = [k for k in ("count", "size") if not isinstance(entry[k], int) or isinstance(entry[k], bool) or entry[k] < 0]
+        if entry["split"] not in SPLITS or bad or not isinstance(entry["sha256"], str):
+            raise ShardIntegrityError(f"{path}: manifest shards[{i}] ({name}) has a bad split, count, size or sha256")
 
 
 def shard_entries(manifest: dict[str, Any], split: str) -> list[ShardEntry]:
@@ -139,6 +176,7 @@ class ShardSplit:
         self._meta_offset = index["meta_offset"]
         self._meta_size = index["meta_size"]
         self.labels: np.ndarray = index["label"]  # (n,) int64
+        self.max_pixels: int = manifest.get("max_pixels") or DEFAULT_MAX_PIXELS
         self._fds: OrderedDict[int, int] = OrderedDict()
         self._pid = os.getpid()
 
@@ -159,14 +197,41 @@ class ShardSplit:
 
     def metadata(self, i: int) -> dict[str, Any]:
         """The sample's ``.json``: source ``path`` (relative to the data root), ``class``, ``split``."""
-        return json.loads(self._read(int(self._shard[i]), int(self._meta_offset[i]), int(self._meta_size[i])))
+        offset = int(self._meta_offset[i])
+        try:
+            return json.loads(self._read(int(self._shard[i]), offset, int(self._meta_size[i])))
+        except ValueError as error:
+            raise ShardIntegrityError(f"{self._member(i, offset)}: not valid JSON ({error})") from error
 
     def image(self, i: int) -> Image.Image:
-        """Sample ``i`` decoded to an RGB PIL image."""
+        """Sample ``i`` decoded to an RGB PIL image.
+
+        Raises:
+            ShardIntegrityError: naming the shard and member when the bytes are not
+                a decodable image within the manifest's pixel limit. The shard
+                stage only writes images that pass this, so it means a shard
+                made elsewhere (with a matching manifest); checked here and not
+                on open because decoding every image there would be slow.
+        """
         data, _ = self.read_bytes(i)
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()
-            return to_rgb(image)
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                if image.width * image.height > self.max_pixels:  # before decoding: a bomb is never allocated
+                    raise ValueError(f"{image.width}x{image.height} exceeds the shards' limit of {self.max_pixels} pixels")
+                image.load()
+                return to_rgb(image)
+        except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
+            raise ShardIntegrityError(
+                f"{self._member(i, int(self._offset[i]))}: not a decodable image ({type(error).__name__}: {error})"
+            ) from error
+
+    def _member(self, i: int, offset: int) -> str:
+        """``<shard>: member '<name>'`` holding the bytes at ``offset`` of sample i's shard (error messages only)."""
+        path = self.paths[int(self._shard[i])]
+        for name, data_offset, _ in _tar_members(path.read_bytes(), path):
+            if data_offset == offset:
+                return f"{path}: member {name!r}"
+        return f"{path}: sample {i}"
 
     def __getitem__(self, i: int) -> tuple[Image.Image, int]:
         return self.image(i), self.label(i)
@@ -266,13 +331,25 @@ def _read_shard(path: Path, entry: ShardEntry, verify: bool) -> bytes:
 
 
 def _index_tar(content: bytes, path: Path, num_classes: int) -> list[dict[str, int]]:
-    """Data offsets of each sample's image and json, and its label, from the tar headers."""
+    """Data offsets of each sample's image and json, and its label, from the tar headers.
+
+    Every member must be ``<key>.<ext>`` with a plain key (no folders, no
+    ``..``, not absolute) and each sample has each part once: a shard from
+    elsewhere is refused, naming the member, rather than half-read.
+    """
     samples: dict[str, dict[str, int]] = {}
     for name, offset, size in _tar_members(content, path):
         key, _, ext = name.partition(".")
+        if not _SAFE_KEY.fullmatch(key):
+            raise ShardIntegrityError(
+                f"{path}: member {name!r} has an unsafe name; expected <key>.<ext> with a key of letters, digits, _ and -"
+            )
         if ext not in _MEMBER_EXTS:
             raise ShardIntegrityError(f"{path}: unexpected member {name!r}")
         sample = samples.setdefault(key, {})
+        part = "offset" if ext in IMAGE_EXTS else "label" if ext == "cls" else "meta_offset"
+        if part in sample:
+            raise ShardIntegrityError(f"{path}: member {name!r} duplicates a part of sample {key!r}")
         if ext == "cls":
             try:
                 sample["label"] = int(content[offset:offset + size])
@@ -284,7 +361,8 @@ def _index_tar(content: bytes, path: Path, num_classes: int) -> list[dict[str, i
             sample["offset"], sample["size"], sample["ext"] = offset, size, IMAGE_EXTS.index(ext)
     for key, sample in samples.items():
         if set(sample) != {"offset", "size", "ext", "label", "meta_offset", "meta_size"}:
-            raise ShardIntegrityError(f"{path}: sample {key!r} lacks an image, .cls or .json member")
+            missing = [p for p, k in (("image", "offset"), (".cls", "label"), (".json", "meta_offset")) if k not in sample]
+            raise ShardIntegrityError(f"{path}: sample {key!r} lacks its {' and '.join(missing)} member")
         if not 0 <= sample["label"] < num_classes:
             raise ShardIntegrityError(f"{path}: sample {key!r} has label {sample['label']} outside [0, {num_classes})")
     return list(samples.values())
@@ -308,6 +386,8 @@ def _tar_members(content: bytes, path: Path) -> list[tuple[str, int, int]]:
     for member in members:
         if not member.isfile():
             raise ShardIntegrityError(f"{path}: unexpected member {member.name!r} (not a regular file)")
+        if member.offset_data + member.size > len(content):
+            raise ShardIntegrityError(f"{path}: member {member.name!r} runs past the end of the shard (truncated)")
     return [(m.name, m.offset_data, m.size) for m in members]
 
 
