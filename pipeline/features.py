@@ -21,7 +21,9 @@ Each ``.npz`` holds ``features`` (N, D) float32, ``labels`` (N,) int64 and
 ``keys`` (N,) str (the shard sample keys, ``<split>_<index:06d>``, row i =
 sample i of the split). Files are written without timestamps (the same
 inputs give byte-identical files) to a temporary file that is renamed into
-place, so a crash never leaves a partial file under the final name.
+place, so a crash never leaves a partial file under the final name; a
+variant's folder is swapped in once both splits are written, so it never
+mixes a new ``train.npz`` with an old ``val.npz``.
 
 Under torchrun each rank extracts its share of the split
 (:class:`pipeline.shards.ShardDataset` with ``drop_last=False``: every sample
@@ -31,6 +33,7 @@ order and writes.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import zipfile
 from dataclasses import dataclass
@@ -46,7 +49,9 @@ from torch import Tensor
 from tqdm import tqdm
 
 from pipeline.augment import eval_transform
+from pipeline.checkpoint import CheckpointError, write_error
 from pipeline.config import ModelConfig, Params
+from pipeline.data import remove_stale_temporaries, replace_dir
 from pipeline.distributed import DistContext, barrier
 from pipeline.seeding import derive_seed
 from pipeline.shards import ShardDataset, ShardSplit, open_split
@@ -115,13 +120,20 @@ def load_backbone_state(path: str | Path) -> dict[str, Tensor]:
 
     Raises:
         BackboneNotFoundError: naming ``path`` when it does not exist.
+        CheckpointError: naming ``path`` when it is truncated or not safetensors.
     """
     path = Path(path)
     if not path.is_file():
         raise BackboneNotFoundError(
             f"{path}: backbone export not found; run `python -m stages.pretrain` first (it writes this file)"
         )
-    return safetensors.torch.load_file(str(path))
+    try:
+        return safetensors.torch.load_file(str(path))
+    except Exception as error:  # safetensors' own error names neither the file nor what to do
+        raise CheckpointError(
+            f"{path}: not a readable safetensors backbone export ({type(error).__name__}: {error}); "
+            "rerun `python -m stages.pretrain`"
+        ) from error
 
 
 def load_backbone(config: ModelConfig, path: str | Path) -> torch.nn.Module:
@@ -288,7 +300,8 @@ def extract_features(
     """Extract and write every variant for train and val; returns the ``extract.json`` summary.
 
     The backbone export is checked before any image is read. Rank 0 writes
-    ``<out_dir>/<variant>/<split>.npz``; all ranks return the same summary.
+    ``<out_dir>/<variant>/<split>.npz``, each variant's folder replaced as a
+    whole once both splits are done; all ranks return the same summary.
 
     Raises:
         BackboneNotFoundError: ``backbone_path`` missing (with ``pretrained`` asked).
@@ -316,19 +329,40 @@ def extract_features(
         "avgpool": config.avgpool,
         "variants": {v: {} for v in variants},
     }
-    for split_name in SPLITS:
-        split = open_split(shards, split_name)
-        summary["num_classes"] = split.num_classes
-        sets = extract_split(
-            split, extractors, image_size=image_size, batch_size=config.batch_size, device=device,
-            context=context, num_workers=config.num_workers, progress_bar=progress_bar,
-        )
-        if sets is not None:
-            for variant, feature_set in sets.items():
-                save_features(out_dir / variant / f"{split_name}.npz", feature_set)
-                summary["variants"][variant]["dim"] = feature_set.dim
-                summary["variants"][variant][split_name] = len(feature_set)
-        split.close()
+    # Each variant's train.npz and val.npz are written into a staging folder beside out_dir and
+    # swapped in together at the end: a killed run never leaves a new train.npz next to an old val.npz.
+    staged: dict[str, Path] = {}
+    if context.is_main:
+        remove_stale_temporaries(out_dir, ".*.tmp-*")
+    try:
+        for split_name in SPLITS:
+            split = open_split(shards, split_name)
+            summary["num_classes"] = split.num_classes
+            sets = extract_split(
+                split, extractors, image_size=image_size, batch_size=config.batch_size, device=device,
+                context=context, num_workers=config.num_workers, progress_bar=progress_bar,
+            )
+            if sets is not None:
+                for variant, feature_set in sets.items():
+                    if variant not in staged:
+                        out_dir.parent.mkdir(parents=True, exist_ok=True)
+                        staged[variant] = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.{variant}.tmp-", dir=out_dir.parent))
+                    try:
+                        save_features(staged[variant] / f"{split_name}.npz", feature_set)
+                    except OSError as error:  # e.g. disk full: name the folder the user knows, not the staging one
+                        cause = error.__cause__ if isinstance(error.__cause__, OSError) else error
+                        raise write_error(cause, out_dir, "feature folder") from error
+                    summary["variants"][variant]["dim"] = feature_set.dim
+                    summary["variants"][variant][split_name] = len(feature_set)
+            split.close()
+        if staged:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        for variant, folder in staged.items():
+            replace_dir(folder, out_dir / variant)
+    except BaseException:
+        for folder in staged.values():
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
     barrier(context)
     if context.enabled:  # the counts and dims are known on rank 0 only
         box = [summary]
@@ -361,6 +395,9 @@ def write_npz(path: str | Path, arrays: Mapping[str, np.ndarray]) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+    except OSError as error:
+        Path(tmp).unlink(missing_ok=True)
+        raise write_error(error, path) from error
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
