@@ -15,8 +15,26 @@ import torch.distributed as dist
 
 from pipeline.config import ParamsError
 
-# A dead rank must turn into an error on the others, not a hang.
-COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=float(os.environ.get("ATTMASK_DIST_TIMEOUT_MIN", "10")))
+TIMEOUT_ENV = "ATTMASK_DIST_TIMEOUT_MIN"
+DEFAULT_TIMEOUT_MIN = 10.0
+
+
+def collective_timeout() -> datetime.timedelta:
+    """How long a collective (and the rendezvous) waits for the other ranks before failing.
+
+    A dead or stuck rank must turn into an error on the others, not a hang: a
+    dead gloo peer fails the next collective at once (connection reset), a
+    stuck one after this timeout. ``ATTMASK_DIST_TIMEOUT_MIN`` (minutes, read
+    when the group is created) overrides the default of 10 minutes.
+    """
+    raw = os.environ.get(TIMEOUT_ENV, str(DEFAULT_TIMEOUT_MIN))
+    try:
+        minutes = float(raw)
+    except ValueError:
+        minutes = float("nan")
+    if not 0 < minutes < float("inf"):
+        raise ValueError(f"{TIMEOUT_ENV}={raw!r}: expected a positive number of minutes")
+    return datetime.timedelta(minutes=minutes)
 
 
 @dataclass(frozen=True)
@@ -59,7 +77,7 @@ def init_distributed(device: torch.device) -> DistContext:
         return DistContext()
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, timeout=COLLECTIVE_TIMEOUT)
+        dist.init_process_group(backend=backend, timeout=collective_timeout())
     return DistContext(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=int(os.environ.get("LOCAL_RANK", "0")))
 
 
