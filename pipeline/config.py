@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -370,7 +372,12 @@ def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | No
     path = Path(path)
     if not path.is_file():
         raise ParamsError(str(path), "params file not found")
-    raw = yaml.safe_load(path.read_text()) or {}
+    try:
+        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
+    except yaml.YAMLError as error:  # syntax errors, python tags, duplicate keys: one line, not a parser traceback
+        raise ParamsError(str(path), f"not a valid params file: {' '.join(str(error).split())}") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ParamsError(str(path), f"unreadable: {error}") from None
     if not isinstance(raw, dict):
         raise ParamsError(str(path), f"expected a mapping at the top level, got {type(raw).__name__}")
     for dotted, value in (overrides or {}).items():
@@ -397,11 +404,36 @@ def params_to_dict(params: Any) -> dict[str, Any]:
     return convert(dataclasses.asdict(params))
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
+
+
+def _construct_unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        try:
+            duplicate = key in seen
+        except TypeError:  # unhashable: construct_mapping reports it
+            continue
+        if duplicate:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r} (YAML would silently keep only the last value)", key_node.start_mark
+            )
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
+
+
 def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
     *parents, leaf = dotted.split(".")
     node = raw
-    for key in parents:
+    for depth, key in enumerate(parents):
         node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ParamsError(".".join(parents[: depth + 1]), f"is not a section; cannot set {dotted}")
     node[leaf] = value
 
 
@@ -455,6 +487,9 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ParamsError(key, f"expected a number, got {value!r}")
+        # NaN passes every range check (all comparisons are false) and inf breaks schedules later
+        if isinstance(value, int) and abs(value) > sys.float_info.max or not math.isfinite(value):
+            raise ParamsError(key, f"expected a finite number, got {value!r}")
         return float(value)
     if hint is str:
         if not isinstance(value, str):
