@@ -193,6 +193,8 @@ class PretrainConfig:
     checkpoint_every_steps: int = 0
     resume: bool = False
     log_every: int = 10
+    compile: bool = False  # torch.compile student and teacher (minutes of compiling; pays off on long GPU runs)
+    fused_adamw: bool = True  # fused AdamW kernel on CUDA; the CPU always uses the foreach one
 
     def validate(self, prefix: str = "pretrain") -> None:
         _check_range(f"{prefix}.epochs", self.epochs, 1, None)

@@ -163,7 +163,8 @@ def attention_masks(attention: torch.Tensor, counts: torch.Tensor, highest: bool
     Stable sort: among equal attention the lower patch index is taken first.
     """
     order = torch.sort(attention, dim=1, descending=highest, stable=True).indices
-    return _scatter_first(order, counts.to(attention.device))
+    # non_blocking: a blocking copy to the GPU waits for all queued work (a host sync every step)
+    return _scatter_first(order, counts.to(attention.device, non_blocking=True))
 
 
 def hint_counts(ratios: torch.Tensor, counts: torch.Tensor, num_patches: int, show_max: float) -> torch.Tensor:
@@ -196,16 +197,16 @@ def hint_masks(
     top = math.floor(show_max * num_patches)
     order = torch.sort(attention, dim=1, descending=True, stable=True).indices
     ranks = torch.arange(num_patches, device=device)
-    counts_d = counts.to(device)
+    counts_d = counts.to(device, non_blocking=True)  # no host sync (see attention_masks)
     in_rank_order = ranks < counts_d[:, None]  # (B, P): position j of the descending order is masked
     if top > 0:
-        keys = torch.rand(batch, top, generator=generator).to(device)
+        keys = torch.rand(batch, top, generator=generator).to(device, non_blocking=True)
         eligible = ranks[:top] < counts_d.clamp(max=top)[:, None]
         # ineligible positions sort after every uniform key, so the first `revealed`
         # picks are a uniform sample of the eligible ones
         keys = torch.where(eligible, keys, torch.full_like(keys, 2.0))
         picks = torch.sort(keys, dim=1, stable=True).indices
-        reveal = _scatter_first(picks, revealed.to(device))
+        reveal = _scatter_first(picks, revealed.to(device, non_blocking=True))
         in_rank_order[:, :top] &= ~reveal
     return torch.zeros_like(in_rank_order).scatter_(1, order, in_rank_order)
 

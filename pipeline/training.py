@@ -14,9 +14,11 @@ replays exactly what an uninterrupted one does.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
+import shutil
 import signal
 import time
 from contextlib import nullcontext
@@ -44,7 +46,11 @@ from pipeline.tracking import RunRecord
 CHECKPOINT_FORMAT = 1
 # pretrain keys that change how a run is executed or logged, not what it computes:
 # a checkpoint ignores them, so a resumed run may change them and still match.
-RUN_CONTROL_KEYS = frozenset({"resume", "device", "num_workers", "checkpoint_every", "checkpoint_every_steps", "log_every"})
+# compile and fused_adamw pick other kernels for the same maths, like device.
+RUN_CONTROL_KEYS = frozenset({"resume", "device", "num_workers", "checkpoint_every", "checkpoint_every_steps", "log_every",
+                              "compile", "fused_adamw"})
+# torch.compile backend for pretrain.compile; tests swap in "aot_eager" (inductor takes minutes on CPU)
+COMPILE_BACKEND = "inductor"
 # params sections that shape pre-training; evaluation sections may change freely
 PRETRAIN_SECTIONS = ("seed", "data", "model", "masking", "augment", "pretrain")
 LOGGED_SCALARS = ("loss_total", "loss_cls", "loss_patch", "masked_share")
@@ -104,6 +110,16 @@ def validate_for_world(params: Params, context: DistContext) -> None:
             "pretrain.batch_size",
             f"the global batch {batch} must be a positive multiple of the number of ranks ({context.world_size})",
         )
+
+
+def check_compile_support(device: torch.device) -> None:
+    """Fail before any work if ``pretrain.compile`` cannot work here (inductor needs a compiler)."""
+    if COMPILE_BACKEND != "inductor":
+        return
+    if device.type == "cuda" and importlib.util.find_spec("triton") is None:
+        raise ParamsError("pretrain.compile", "torch.compile on CUDA needs triton, which is not installed; set it to false")
+    if device.type == "cpu" and not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "clang++", "c++")):
+        raise ParamsError("pretrain.compile", "torch.compile on CPU needs a C++ compiler (g++ or clang++); none found, set it to false")
 
 
 def parameter_groups(module: nn.Module) -> list[dict[str, Any]]:
@@ -176,10 +192,18 @@ class Pretrainer:
         self.teacher.requires_grad_(False)
         self.teacher.eval()
         self.student_module = self.student
+        if self.config.compile:
+            check_compile_support(device)
+            # in place (nn.Module.compile), so state_dict keys and checkpoints stay those of eager;
+            # static shapes: one graph per crop size instead of a slower dynamic-shape one
+            self.student.compile(backend=COMPILE_BACKEND, dynamic=False)
+            self.teacher.compile(backend=COMPILE_BACKEND, dynamic=False)
         if context.enabled:
             device_ids = [device.index] if device.type == "cuda" else None
             self.student = DistributedDataParallel(self.student, device_ids=device_ids)
-        self.optimizer = torch.optim.AdamW(parameter_groups(self.student_module))
+        # fused: one kernel for all parameters on CUDA; the CPU keeps foreach, so CPU results are unchanged
+        fused = {"fused": True} if self.config.fused_adamw and device.type == "cuda" else {}
+        self.optimizer = torch.optim.AdamW(parameter_groups(self.student_module), **fused)
         self.schedules = TrainingSchedules.from_config(self.config, self.steps_per_epoch, self.config.batch_size)
         self.loss = IBOTLoss(
             out_dim=params.model.out_dim,
@@ -284,7 +308,8 @@ class Pretrainer:
             attention = gather_rows(attention.float(), self.context)
         masks = generate_masks(self.params.masking, self.config.batch_size, grid, generator, attention)
         rows = slice(self.context.rank * self.local_batch, (self.context.rank + 1) * self.local_batch)
-        return masks[rows].to(self.device)
+        # non_blocking: a blocking host-to-device copy would wait for the teacher forward (a host sync)
+        return masks[rows].to(self.device, non_blocking=True)
 
     def train_step(self, crops: list[torch.Tensor], epoch: int, step: int) -> dict[str, torch.Tensor]:
         """One optimisation step; returns detached scalars (no host sync)."""
