@@ -27,3 +27,8 @@ bench: $(STAMP)
 
 clean-venv:
 	rm -rf $(VENV)
+
+# the paper's strategy table as DVC experiments (README "Comparing masking strategies")
+.PHONY: compare
+compare: $(STAMP)
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m stages.compare

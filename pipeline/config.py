@@ -324,6 +324,111 @@ class FinetuneConfig:
 
 
 @dataclass(frozen=True)
+class CompareStrategy:
+    """One row of the strategy comparison: a name and the masking it sets."""
+
+    name: str
+    strategy: Literal["block", "random", "attmask_high", "attmask_hint", "attmask_low"]
+    ratio: float = 0.3
+    ratio_var: float = 0.2
+
+    def masking_overrides(self) -> tuple[str, ...]:
+        """``dvc exp run -S`` values of this row."""
+        return (f"masking.strategy={self.strategy}", f"masking.ratio={self.ratio:g}", f"masking.ratio_var={self.ratio_var:g}")
+
+
+def _default_compare_strategies() -> tuple[CompareStrategy, ...]:
+    # the paper's Table 1 (iBOT masking on 20% ImageNet-1k)
+    return (
+        CompareStrategy("block", "block"),
+        CompareStrategy("random", "random"),
+        CompareStrategy("random_75", "random", 0.75, 0.0),  # MAE-style
+        CompareStrategy("attmask_low", "attmask_low"),
+        CompareStrategy("attmask_hint", "attmask_hint"),
+        CompareStrategy("attmask_high", "attmask_high"),
+    )
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    """``make compare`` (pipeline/compare.py): the strategy table and the data-share table as DVC experiments.
+
+    Not a dependency of any stage: editing it reruns nothing. ``budget`` entries
+    are ``dvc exp run -S`` values (``pretrain.epochs=2``) applied to every experiment.
+    """
+
+    strategies: tuple[CompareStrategy, ...] = field(default_factory=_default_compare_strategies)
+    seeds: tuple[int, ...] = (0, 1)
+    data_shares: tuple[float, ...] = (25.0, 50.0, 100.0)  # % of the train set; 100 = the strategy table's runs
+    data_share_strategies: tuple[str, ...] = ("block", "attmask_high")
+    budget: tuple[str, ...] = ("pretrain.epochs=2", "finetune.epochs=1")
+    knn_k: int = 20  # the k of the k-NN column (must be one of knn.k)
+
+    def validate(self, knn_k: tuple[int, ...], prefix: str = "compare") -> None:
+        import re
+
+        if not self.strategies:
+            raise ParamsError(f"{prefix}.strategies", "needs at least one strategy")
+        names = [s.name for s in self.strategies]
+        for i, row in enumerate(self.strategies):
+            key = f"{prefix}.strategies[{i}]"
+            if not re.fullmatch(r"[a-z0-9_]+", row.name):
+                raise ParamsError(f"{key}.name", f"{row.name!r}: use lower-case letters, digits and _ (it names experiments)")
+            if names.count(row.name) > 1:
+                raise ParamsError(f"{key}.name", f"{row.name!r} is used twice")
+            MaskingConfig(row.strategy, row.ratio, row.ratio_var).validate(key)
+        for key, values in (("seeds", self.seeds), ("data_shares", self.data_shares)):
+            if not values:
+                raise ParamsError(f"{prefix}.{key}", "needs at least one value")
+            if len(set(values)) < len(values):
+                raise ParamsError(f"{prefix}.{key}", f"{list(values)} repeats a value")
+        for i, seed in enumerate(self.seeds):
+            _check_range(f"{prefix}.seeds[{i}]", seed, 0, 2**63 - 1)
+        for i, share in enumerate(self.data_shares):
+            _check_range(f"{prefix}.data_shares[{i}]", share, 0.0, 100.0, low_open=True)
+        for i, name in enumerate(self.data_share_strategies):
+            if name not in names:
+                raise ParamsError(f"{prefix}.data_share_strategies[{i}]", f"{name!r} is not a strategy name; names: {names}")
+        for i, entry in enumerate(self.budget):
+            _check_override(f"{prefix}.budget[{i}]", entry)
+        if self.knn_k not in knn_k:
+            raise ParamsError(f"{prefix}.knn_k", f"{self.knn_k} is not one of knn.k = {list(knn_k)}")
+
+
+# keys an experiment of the comparison sets itself (or that would change what is compared)
+_COMPARE_OWN_KEYS = ("seed", "masking", "data.percent", "data.per_class", "compare")
+
+
+def _check_override(key: str, entry: str) -> None:
+    """``section.key=value``: the key exists and the value has its type (ranges: pipeline.compare checks each run)."""
+    dotted, sep, text = entry.partition("=")
+    if not sep or not dotted:
+        raise ParamsError(key, f"{entry!r}: expected section.key=value, as for dvc exp run -S")
+    if any(dotted == own or dotted.startswith(own + ".") for own in _COMPARE_OWN_KEYS):
+        raise ParamsError(key, f"{dotted!r} is set by the comparison itself ({', '.join(_COMPARE_OWN_KEYS)})")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise ParamsError(key, f"{entry!r}: the value is not valid YAML") from None
+    cls: Any = Params
+    parts = dotted.split(".")
+    for depth, part in enumerate(parts):
+        hints = typing.get_type_hints(cls)
+        if part not in hints:
+            where = ".".join(parts[:depth]) or "params.yaml"
+            raise ParamsError(key, f"{dotted!r}: {where} has no key {part!r}")
+        hint = hints[part]
+        if depth < len(parts) - 1:
+            if not dataclasses.is_dataclass(hint):
+                raise ParamsError(key, f"{dotted!r}: {'.'.join(parts[:depth + 1])} is not a section")
+            cls = hint
+    try:
+        _coerce(hint, value, dotted)
+    except ParamsError as error:
+        raise ParamsError(key, str(error)) from None
+
+
+@dataclass(frozen=True)
 class Params:
     """The whole of ``params.yaml``."""
 
@@ -338,6 +443,7 @@ class Params:
     fewshot: FewshotConfig = field(default_factory=FewshotConfig)
     linear: LinearConfig = field(default_factory=LinearConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
 
     def validate(self) -> None:
         _check_range("seed", self.seed, 0, 2**63 - 1)
@@ -351,6 +457,7 @@ class Params:
         self.fewshot.validate("fewshot")
         self.linear.validate("linear")
         self.finetune.validate("finetune")
+        self.compare.validate(self.knn.k, "compare")
 
     def extract_image_size(self) -> int:
         """Evaluation image size: ``extract.image_size`` or the global crop size."""

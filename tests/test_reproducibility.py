@@ -70,8 +70,11 @@ def dvc(cwd: Path, *args: str) -> str:
     return run(cwd, str(Path(sys.executable).parent / "dvc"), *args)
 
 
-def copy_repository(dest: Path) -> Path:
-    """The working tree as git sees it (tracked + untracked, not ignored) in a fresh one-commit repo."""
+def copy_repository(dest: Path, **sections: dict[str, Any]) -> Path:
+    """The working tree as git sees it (tracked + untracked, not ignored) in a fresh one-commit repo.
+
+    Its params.yaml is the tiny config, with ``sections`` merged over it.
+    """
     listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
                             capture_output=True, text=True, check=True).stdout.split("\0")
     for name in filter(None, listed):
@@ -79,7 +82,7 @@ def copy_repository(dest: Path) -> Path:
         if source.is_file():  # deleted but not yet committed files are listed too
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, dest / name)
-    params = merge(yaml.safe_load((dest / "params.yaml").read_text()), TINY)
+    params = merge(merge(yaml.safe_load((dest / "params.yaml").read_text()), TINY), sections)
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run(dest, "git", "init", "-q")
     run(dest, "git", "add", "-A")

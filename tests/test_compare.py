@@ -1,0 +1,232 @@
+"""The strategy comparison: plan, params validation, and rendering from a fabricated `dvc exp show --json`.
+
+The document has the shape DVC 3 writes (checked against a real queue run):
+a list of baselines, each with ``experiments[].revs[].data`` holding
+``params["params.yaml"]["data"]`` and ``metrics[<file>]["data"]``.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from pipeline.compare import Experiment, match, plan, render
+from pipeline.config import CompareConfig, ParamsError, params_from_dict
+from stages import compare as compare_stage
+from tests.conftest import REPO
+
+RAW = yaml.safe_load((REPO / "params.yaml").read_text())
+# k-NN per (strategy row, seed): attmask_high clearly above block; the rest overlap
+KNN = {"block": (20.0, 21.0), "random": (21.0, 24.0), "random_75": (21.0, 24.0), "attmask_low": (19.0, 23.0),
+       "attmask_hint": (24.0, 27.0), "attmask_high": (30.0, 32.0)}
+
+
+def config(**changes: Any) -> CompareConfig:
+    raw = copy.deepcopy(RAW)
+    raw.setdefault("compare", {}).update(changes)
+    return params_from_dict(raw).compare
+
+
+def dvc_params(experiment: Experiment) -> dict[str, Any]:
+    """params.yaml as DVC writes it for ``-S`` overrides (the compare section stays in the file)."""
+    params = copy.deepcopy(RAW)
+    for entry in experiment.overrides:
+        dotted, _, text = entry.partition("=")
+        *parents, leaf = dotted.split(".")
+        node = params
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = yaml.safe_load(text)
+    return params
+
+
+def fabricated_metrics(experiment: Experiment) -> dict[str, Any]:
+    knn = KNN[experiment.row.name][experiment.seed] - (10.0 if experiment.percent == 25 else 0.0)
+    return {
+        "knn": {"10": knn - 1, "20": knn, "100": knn - 2, "200": knn - 3},
+        "linear": {"top1": 40.0 + experiment.seed},  # the same for every strategy: no difference
+        "finetune": {"top1": 50.0 + (5.0 if experiment.row.name == "block" else 0.0) + experiment.seed * 0.5},
+        "baselines": {"random_init": {"knn": {"20": 11.0 + experiment.seed}, "linear": {"top1": 12.0},
+                                      "finetune": {"top1": 30.0 + experiment.seed}}},
+    }
+
+
+def exp_show(experiments: list[Experiment], metrics=fabricated_metrics, timestamp: str = "2025-01-01T10:00:00") -> list:
+    revs = []
+    for i, e in enumerate(experiments):
+        data = {"rev": f"{i:040x}", "timestamp": timestamp,
+                "params": {"params.yaml": {"data": dvc_params(e)}},
+                "metrics": {"reports/metrics.json": {"data": metrics(e)},
+                            "reports/eval/extract.json": {"data": {"num_classes": 10}}},
+                "deps": {}, "outs": {}, "meta": {}}
+        revs.append({"executor": None, "name": e.name,
+                     "revs": [{"rev": f"{i:040x}", "name": e.name, "data": data, "error": None, "experiments": None}]})
+    workspace = {"rev": "workspace", "name": None, "error": None, "experiments": None,
+                 "data": {"rev": "workspace", "timestamp": None, "params": {"params.yaml": {"data": RAW}}, "metrics": {}}}
+    baseline = {"rev": "f" * 40, "name": "main", "error": None, "experiments": revs,
+                "data": {"rev": "f" * 40, "timestamp": "2025-01-01T09:00:00", "params": {"params.yaml": {"data": RAW}},
+                         "metrics": {}}}
+    return [workspace, baseline]
+
+
+@pytest.fixture(scope="module")
+def two_seeds() -> tuple[CompareConfig, list[Experiment]]:
+    cfg = config(seeds=[0, 1], data_shares=[25, 100])
+    return cfg, plan(RAW, cfg)
+
+
+def test_plan_is_the_papers_table_plus_the_data_shares(two_seeds):
+    cfg, experiments = two_seeds
+    assert len(experiments) == 6 * 2 + 2 * 2  # 100% reuses the strategy runs
+    assert len({e.name for e in experiments}) == len(experiments)
+    mae = next(e for e in experiments if e.row.name == "random_75")
+    assert {"masking.strategy=random", "masking.ratio=0.75", "masking.ratio_var=0"} <= set(mae.overrides)
+    for e in experiments:
+        assert e.overrides[: len(cfg.budget)] == cfg.budget
+        assert ("data.percent=25" in e.overrides) == (e.percent == 25)
+
+
+def test_an_experiment_with_invalid_params_fails_before_queueing():
+    cfg = config(budget=["pretrain.warmup_epochs=5", "pretrain.epochs=1"])
+    with pytest.raises(ParamsError, match=r"compare: experiment .*pretrain.warmup_epochs"):
+        plan(RAW, cfg)
+
+
+@pytest.mark.parametrize("changes, key", [
+    ({"budget": ["pretrain.epoch=1"]}, "compare.budget[0]"),
+    ({"budget": ["pretrain.epochs=many"]}, "compare.budget[0]"),
+    ({"budget": ["masking.ratio=0.5"]}, "compare.budget[0]"),
+    ({"budget": ["pretrain.epochs"]}, "compare.budget[0]"),
+    ({"seeds": []}, "compare.seeds"),
+    ({"seeds": [0, 0]}, "compare.seeds"),
+    ({"data_shares": [0]}, "compare.data_shares[0]"),
+    ({"data_share_strategies": ["high"]}, "compare.data_share_strategies[0]"),
+    ({"strategies": [{"name": "x", "strategy": "bloc"}]}, "compare.strategies[0].strategy"),
+    ({"strategies": [{"name": "X y", "strategy": "block"}]}, "compare.strategies[0].name"),
+    ({"strategies": [{"name": "x", "strategy": "random", "ratio": 0.9}]}, "compare.strategies[0].ratio_var"),
+    ({"knn_k": 7}, "compare.knn_k"),
+])
+def test_bad_compare_params_name_their_key(changes, key):
+    with pytest.raises(ParamsError) as error:
+        config(**changes)
+    assert error.value.key == key
+
+
+def test_comparison_table_spread_statement_and_data_share(two_seeds, tmp_path):
+    cfg, experiments = two_seeds
+    summary = render(cfg, experiments, exp_show(experiments), tmp_path)
+    text = (tmp_path / "comparison.md").read_text()
+    assert summary["missing"] == []
+
+    table = text.split("### Which differences exceed the seed spread")[0]
+    rows = {line.split(" | ")[0]: line for line in table.splitlines() if line.startswith("| ")}
+    high = next(line for label, line in rows.items() if "(`attmask_high`)" in label)
+    assert "| 10-50% | 31.0 ± 1.4 | 40.5 ± 0.7 | 50.2 ± 0.4 |" in high
+    assert "*49.7* | *57.9* | *98.2 / 86.6*" in high  # the paper's, beside ours, in italics
+    mae = next(line for label, line in rows.items() if "(`random_75`)" in label)
+    assert "| 75% | 22.5 ± 2.1 |" in mae and "*47.3*" in mae
+    assert any("random init" in label and "11.5 ± 0.7" in line for label, line in rows.items())
+    assert "the paper's numbers, not ours" in text
+
+    statement = text.split("### Which differences exceed the seed spread")[1].split("## ")[0]
+    knn_line = next(line for line in statement.splitlines() if line.startswith("- **k-NN**"))
+    assert "`attmask_high` > `block` by 10.5" in knn_line
+    assert "`attmask_high` > `attmask_hint`" in knn_line
+    assert "`random` > `block`" not in knn_line  # 22.5 +- 2.1 vs 20.5 +- 0.7 overlap
+    assert "- **linear**: no difference between strategies exceeds the seed spread." in statement
+    assert "`block` > `attmask_high` by 5.0" in statement  # fine-tune: block ahead
+    assert "Above the random-init floor beyond the spread:" in statement
+
+    share = text.split("## k-NN vs share of the train set")[1]
+    assert "| strategy | 25% | 100% |" in share
+    assert "| 10.5 ± 0.7 | 20.5 ± 0.7 |" in next(line for line in share.splitlines() if "(`block`)" in line)
+    assert "| 21.0 ± 1.4 | 31.0 ± 1.4 |" in next(line for line in share.splitlines() if "(`attmask_high`)" in line)
+    assert "differ by more than the seed spread: 25%, 100%" in share
+    assert "*15.7* | *31.9* | *46.7* | *71.5*" in share  # the paper's data-share row for block
+
+    numbers = json.loads((tmp_path / "comparison.json").read_text())
+    assert numbers["table"]["attmask_high"]["knn"]["values"] == [30.0, 32.0]
+    assert (tmp_path / "comparison.png").stat().st_size > 0
+
+
+def test_one_seed_says_no_spread_is_measured(tmp_path):
+    cfg = config(seeds=[0], data_shares=[100])
+    experiments = plan(RAW, cfg)
+    render(cfg, experiments, exp_show(experiments), tmp_path)
+    text = (tmp_path / "comparison.md").read_text()
+    assert "Only one seed per strategy" in text
+    assert "| 10-50% | 30.0 | 40.0 | 50.0 |" in text
+
+
+def test_only_experiments_with_the_planned_params_count_newest_first(two_seeds, tmp_path):
+    cfg, experiments = two_seeds
+    stale = exp_show(experiments, metrics=lambda e: {**fabricated_metrics(e), "knn": {"20": 99.0}},
+                     timestamp="2024-12-31T00:00:00")
+    fresh = exp_show(experiments[1:])
+    other_budget = exp_show(plan(RAW, config(seeds=[0, 1], data_shares=[25, 100], budget=["pretrain.epochs=3"])),
+                            metrics=lambda e: {**fabricated_metrics(e), "knn": {"20": 77.0}})
+    failed = copy.deepcopy(exp_show(experiments[:1]))
+    failed[1]["experiments"][0]["revs"][0]["error"] = {"type": "failed"}
+    show = [stale[0], {**stale[1], "experiments": stale[1]["experiments"] + fresh[1]["experiments"]
+                       + other_budget[1]["experiments"] + failed[1]["experiments"]}]
+
+    found = match(show, experiments)
+    assert set(found) == set(experiments)
+    assert found[experiments[0]].metrics["knn"]["20"] == 99.0  # only the old run exists for it
+    assert found[experiments[1]].metrics["knn"]["20"] == KNN["block"][1]  # the newer run wins
+    assert all(f.metrics["knn"]["20"] != 77.0 for f in found.values())  # another budget is another experiment
+
+
+def test_missing_experiments_are_reported(two_seeds, tmp_path):
+    cfg, experiments = two_seeds
+    summary = render(cfg, experiments, exp_show(experiments[2:]), tmp_path)
+    assert [e.name for e in summary["missing"]] == [e.name for e in experiments[:2]]
+    text = (tmp_path / "comparison.md").read_text()
+    assert "**2 experiment(s) missing**" in text
+    assert "| n/a | n/a | n/a |" in next(line for line in text.splitlines() if "(`block`)" in line)
+
+
+def test_rendering_is_deterministic(two_seeds, tmp_path):
+    cfg, experiments = two_seeds
+    show = exp_show(experiments)
+    render(cfg, experiments, show, tmp_path / "a")
+    render(cfg, experiments, show, tmp_path / "b")
+    for name in ("comparison.md", "comparison.png", "comparison.json"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+
+
+def test_command_renders_from_a_saved_document(two_seeds, tmp_path, monkeypatch):
+    cfg, experiments = two_seeds
+    raw = copy.deepcopy(RAW)
+    raw["compare"].update(seeds=[0, 1], data_shares=[25, 100])
+    monkeypatch.chdir(tmp_path)
+    Path("params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    Path("exps.json").write_text(json.dumps(exp_show(experiments)))
+    assert compare_stage.main(["--render", "--show-json", "exps.json"]) == 0
+    assert "AttMask-High" in Path("reports/comparison.md").read_text()
+    Path("exps.json").write_text(json.dumps(exp_show(experiments[1:])))
+    assert compare_stage.main(["--render", "--show-json", "exps.json"]) == 1  # one missing
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("ATTMASK_COMPARE_E2E"),
+                    reason="real dvc exp queue, ~3 min per tiny experiment on 2 cores: set ATTMASK_COMPARE_E2E=1")
+def test_real_queue_end_to_end(tmp_path):
+    """`python -m stages.compare` on a tiny copy: queue, `dvc exp run --run-all`, render; then nothing reruns."""
+    from tests.test_reproducibility import copy_repository, run
+
+    compare = {"strategies": [{"name": "attmask_high", "strategy": "attmask_high"}], "seeds": [0],
+               "data_shares": [100], "data_share_strategies": ["attmask_high"], "knn_k": 2}
+    repo = copy_repository(tmp_path / "repo", compare=compare)
+    run(repo, sys.executable, "-m", "stages.compare")
+    text = (repo / "reports/comparison.md").read_text()
+    assert "1 of 1 planned DVC experiments found" in text
+    row = next(line for line in text.splitlines() if line.startswith("| AttMask-High (`attmask_high`) | 10-50% |"))
+    assert "n/a" not in row.split("| *")[0]
+    assert "1 already finished" in run(repo, sys.executable, "-m", "stages.compare")
