@@ -32,7 +32,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from pipeline.augment import MultiCropAugmentation
-from pipeline.checkpoint import load_checkpoint, save_checkpoint
+from pipeline.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from pipeline.config import Params, ParamsError, params_to_dict
 from pipeline.distributed import DistContext, all_reduce_sum, gather_rows
 from pipeline.loss import IBOTLoss
@@ -239,10 +239,14 @@ class Pretrainer:
         if state.get("format") != CHECKPOINT_FORMAT:
             raise ParamsError("pretrain.resume", f"{self.paths.checkpoint}: unknown checkpoint format {state.get('format')!r}")
         self._check_resumable(state["params"])
-        self.student_module.load_state_dict(state["student"])
-        self.teacher.load_state_dict(state["teacher"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.loss.load_state_dict(state["loss"])
+        try:
+            self.student_module.load_state_dict(state["student"])
+            self.teacher.load_state_dict(state["teacher"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.loss.load_state_dict(state["loss"])
+        except (KeyError, RuntimeError, ValueError) as error:
+            # matching params but other tensors: a hand-edited or foreign file; torch's message names no file
+            raise CheckpointError(f"{self.paths.checkpoint}: does not fit this model ({error})") from error
         self.progress = Progress(int(state["epoch"]), int(state["step"]), state["history"].tolist())
 
     def _check_resumable(self, saved: dict[str, Any]) -> None:

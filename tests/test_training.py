@@ -16,7 +16,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from pipeline.checkpoint import load_checkpoint
+from pipeline.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from pipeline.config import MASKING_STRATEGIES, ParamsError, params_from_dict
 from pipeline.distributed import DistContext, resolve_device
 from pipeline.loss import IBOTLoss
@@ -109,6 +109,16 @@ def test_resume_refuses_a_checkpoint_trained_differently(tiny_folder, tiny_shard
     with pytest.raises(ParamsError) as error:
         run(tiny_folder, tiny_shards, tmp_path, masking={"strategy": "block"}, pretrain={"epochs": 1, "resume": True})
     assert error.value.key == "masking.strategy"
+
+
+def test_resume_from_a_checkpoint_with_foreign_tensors_names_the_file(tiny_folder, tiny_shards, tmp_path):
+    _, paths, _ = run(tiny_folder, tiny_shards, tmp_path, pretrain={"epochs": 1})
+    state = load_checkpoint(paths.checkpoint)
+    name = next(iter(state["student"]))
+    state["student"][name] = torch.zeros(3, 1, 7)  # same params, tensor of another shape
+    save_checkpoint(state, paths.checkpoint)
+    with pytest.raises(CheckpointError, match=str(paths.checkpoint)):
+        run(tiny_folder, tiny_shards, tmp_path, pretrain={"epochs": 1, "resume": True})
 
 
 def test_non_finite_loss_stops_naming_the_step_and_keeps_the_checkpoint(tiny_folder, tiny_shards, tmp_path, monkeypatch):
