@@ -28,6 +28,7 @@ from typing import Any, Iterable, Sequence
 import yaml
 
 from pipeline.config import CompareConfig, CompareStrategy, MaskingConfig, ParamsError, params_from_dict
+from pipeline.report import PAPER_SOURCE, PAPER_TABLE, STRATEGY_NAMES, ratio_label
 
 METRICS_FILE = "reports/metrics.json"
 EXTRACT_FILE = "reports/eval/extract.json"
@@ -251,20 +252,15 @@ def separated_pairs(stats: dict[str, Stat | None]) -> list[tuple[str, str, Stat,
 
 # --------------------------------------------------------------------- render
 def _row_label(row: CompareStrategy) -> str:
-    from pipeline.report import STRATEGY_NAMES
-
-    return STRATEGY_NAMES.get(row.strategy, row.strategy) + (" (MAE-style)" if row.strategy == "random" and row.ratio_var == 0 and row.ratio >= 0.75 else "")
+    mae = row.strategy == "random" and row.ratio_var == 0  # one fixed ratio, as MAE
+    return STRATEGY_NAMES.get(row.strategy, row.strategy) + (" (MAE-style)" if mae else "")
 
 
 def _ratio(row: CompareStrategy) -> str:
-    from pipeline.report import ratio_label
-
     return ratio_label(MaskingConfig(row.strategy, row.ratio, row.ratio_var))
 
 
 def _paper_row(row: CompareStrategy) -> dict[str, float] | None:
-    from pipeline.report import PAPER_TABLE
-
     return PAPER_TABLE.get((row.strategy, round(row.ratio, 6), round(row.ratio_var, 6)))
 
 
@@ -275,8 +271,6 @@ def _cell(stat: Stat | None) -> str:
 def render_markdown(config: CompareConfig, summary: dict[str, Any], experiments: Sequence[Experiment],
                     found: dict[Experiment, Found]) -> str:
     """``reports/comparison.md``: the strategy table, the spread statement and the data-share table."""
-    from pipeline.report import PAPER_SOURCE
-
     seeds = ", ".join(str(s) for s in config.seeds)
     n = len(config.seeds)
     chance = f" Chance is {100 / summary['num_classes']:.1f}% ({summary['num_classes']} classes)." if summary["num_classes"] else ""

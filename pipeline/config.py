@@ -358,7 +358,7 @@ class CompareConfig:
     """
 
     strategies: tuple[CompareStrategy, ...] = field(default_factory=_default_compare_strategies)
-    seeds: tuple[int, ...] = (0, 1)
+    seeds: tuple[int, ...] = (0,)
     data_shares: tuple[float, ...] = (25.0, 50.0, 100.0)  # % of the train set; 100 = the strategy table's runs
     data_share_strategies: tuple[str, ...] = ("block", "attmask_high")
     budget: tuple[str, ...] = ("pretrain.epochs=2", "finetune.epochs=1")
