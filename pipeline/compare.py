@@ -84,9 +84,11 @@ def plan(raw_params: dict[str, Any], config: CompareConfig) -> list[Experiment]:
             overrides += (f"data.percent={percent:g}",)
         expected = apply_overrides(raw_params, overrides)
         try:
-            params_from_dict({**expected, "compare": raw_params.get("compare", {})})
+            params = params_from_dict({**expected, "compare": raw_params.get("compare", {})})
         except ParamsError as error:
             raise ParamsError("compare", f"experiment {' '.join(overrides)}: {error}") from None
+        if config.knn_k not in params.knn.k:  # here, not in config.py: knn.k may change without touching compare
+            raise ParamsError("compare.knn_k", f"{config.knn_k} is not one of knn.k = {list(params.knn.k)}")
         experiments.append(Experiment(row, seed, percent, overrides, expected))
     return experiments
 

@@ -98,6 +98,13 @@ def test_an_experiment_with_invalid_params_fails_before_queueing():
         plan(RAW, cfg)
 
 
+def test_knn_k_outside_knn_k_fails_the_plan_not_the_pipeline():
+    cfg = config(knn_k=7)  # the pipeline's stages still load these params
+    with pytest.raises(ParamsError) as error:
+        plan(RAW, cfg)
+    assert error.value.key == "compare.knn_k"
+
+
 @pytest.mark.parametrize("changes, key", [
     ({"budget": ["pretrain.epoch=1"]}, "compare.budget[0]"),
     ({"budget": ["pretrain.epochs=many"]}, "compare.budget[0]"),
@@ -110,7 +117,7 @@ def test_an_experiment_with_invalid_params_fails_before_queueing():
     ({"strategies": [{"name": "x", "strategy": "bloc"}]}, "compare.strategies[0].strategy"),
     ({"strategies": [{"name": "X y", "strategy": "block"}]}, "compare.strategies[0].name"),
     ({"strategies": [{"name": "x", "strategy": "random", "ratio": 0.9}]}, "compare.strategies[0].ratio_var"),
-    ({"knn_k": 7}, "compare.knn_k"),
+    ({"knn_k": 0}, "compare.knn_k"),
 ])
 def test_bad_compare_params_name_their_key(changes, key):
     with pytest.raises(ParamsError) as error:
