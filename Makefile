@@ -25,6 +25,15 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m bench
 
+# a smoke run of every benchmark on small sizes (figures not for quoting)
+.PHONY: bench-quick bench-gpu-deps
+bench-quick: $(STAMP)
+	$(PY) -m bench --quick
+
+# packages the GPU machine lacks, for the device call's carry (README, Benchmarks)
+bench-gpu-deps: $(STAMP)
+	$(PY) -m bench.gpu_deps
+
 clean-venv:
 	rm -rf $(VENV)
 

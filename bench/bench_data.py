@@ -8,10 +8,18 @@ overhead plus decoding) in a temp dir, then times
   with the check in-process and in a 2-process pool;
 - opening: :func:`pipeline.shards.open_split` (SHA-256 verification + tar index);
 - loading: a DataLoader over :class:`pipeline.shards.ShardDataset` (read, decode,
-  RGB, to tensor) with ``num_workers`` 0 and 2.
+  RGB, to tensor) with ``num_workers`` 0 and 2;
+- the training data path, per worker process: shard read + decode + DINO
+  multi-crop augmentation (:class:`pipeline.augment.MultiCropAugmentation`) at
+  the paper's sizes (500x375 px JPEGs, the typical ImageNet photo, to 2 x 224 +
+  10 x 96 px crops) and at the embedded ones (48 px PNGs to 2 x 32 + 4 x 16 px).
+  Rates are steady state: timed from the first batch to the last, so worker
+  start-up is left out; ``images/s / workers`` is the per-worker figure.
+  ``--workers 1 2 4 8 16`` to choose the counts (the GPU harness uses up to 16).
 """
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import os
@@ -26,6 +34,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from bench.stats import summarize
+from pipeline.augment import MultiCropAugmentation
+from pipeline.config import AugmentConfig
 from pipeline.data import write_shards
 from pipeline.shards import ShardDataset, open_split
 
@@ -37,6 +48,13 @@ SHARD_SIZE = 250
 BATCH = 32
 EPOCHS = 2  # loader epochs timed per worker count (after one warm-up epoch)
 OUTPUT = Path("reports/bench/data.json")
+# (image format and size, crops): the paper's multi-crop on ImageNet-sized photos, and the embedded default
+MULTICROP_CASES = {
+    "paper": {"image": ("JPEG", 500, 375), "augment": AugmentConfig(global_size=224, local_size=96, local_number=10)},
+    "embedded": {"image": ("PNG", 48, 48), "augment": AugmentConfig()},
+}
+MULTICROP_IMAGES = 96
+MULTICROP_BATCH = 8
 
 
 def build_folder(root: Path) -> int:
@@ -82,8 +100,72 @@ def time_loading(out: Path, num_workers: int) -> dict[str, float]:
     return {"seconds_per_epoch": seconds / EPOCHS, "images_per_second": seen / seconds}
 
 
-def main() -> dict[str, Any]:
+def build_photo_folder(root: Path, count: int, kind: str, width: int, height: int) -> None:
+    """``count`` smooth random images (2 classes, 1 val each) of the given format and size."""
+    rng = np.random.default_rng(1)
+    for split, per_class in (("train", -(-count // 2)), ("val", 1)):
+        for c in range(2):
+            folder = root / split / f"c{c}"
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                small = rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)
+                image = Image.fromarray(small).resize((width, height), Image.Resampling.BICUBIC)
+                suffix = ".JPEG" if kind == "JPEG" else ".png"
+                image.save(folder / f"{i:04d}{suffix}", kind, **({"quality": 90} if kind == "JPEG" else {}))
+
+
+def time_multicrop(shards: Path, augment: AugmentConfig, num_workers: int, epochs: int = 2) -> dict[str, Any]:
+    """Steady-state images/s of read + decode + multi-crop through a DataLoader, per epoch, summarised."""
+    split = open_split(shards, "train")
+    transform = MultiCropAugmentation(augment)
+    rates = []
+    for epoch in range(epochs):
+        dataset = ShardDataset(split, batch_size=MULTICROP_BATCH, transform=transform, seed=0, epoch=epoch, drop_last=True)
+        loader = DataLoader(dataset, batch_size=MULTICROP_BATCH, num_workers=num_workers)
+        first_at, images = None, 0
+        for crops, _labels, _indices in loader:
+            if first_at is None:  # worker start-up and the first batch are excluded
+                first_at = time.perf_counter()
+            else:
+                images += crops[0].shape[0]
+        rates.append(images / (time.perf_counter() - first_at))
+    summary = summarize(rates)
+    return {"images_per_second": summary, "per_worker_images_per_second": summary["median"] / max(1, num_workers),
+            "num_workers": num_workers}
+
+
+def multicrop(workers: tuple[int, ...], images: int = MULTICROP_IMAGES, epochs: int = 2) -> dict[str, Any]:
+    """The training data path for each case and worker count."""
+    result: dict[str, Any] = {}
+    for name, case in MULTICROP_CASES.items():
+        kind, width, height = case["image"]
+        with tempfile.TemporaryDirectory(prefix="bench_multicrop_") as tmp:
+            root, out = Path(tmp) / "images", Path(tmp) / "shards"
+            count = max(images, 4 * MULTICROP_BATCH * max(workers))  # >= 4 batches per worker
+            build_photo_folder(root, count, kind, width, height)
+            write_shards(root, out, seed=0, shard_size=SHARD_SIZE, workers=0, progress=False)
+            augment = case["augment"]
+            result[name] = {
+                "image": f"{kind} {width}x{height}", "images": count, "batch_size": MULTICROP_BATCH,
+                "crops": f"2 x {augment.global_size} + {augment.local_number} x {augment.local_size} px",
+                "workers": {str(w): time_multicrop(out, augment, w, epochs) for w in workers},
+            }
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the benchmark, print a summary and write ``reports/bench/data.json``."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--multicrop-only", action="store_true", help="skip shard writing and plain loading")
+    parser.add_argument("--out", type=Path, default=OUTPUT)
+    args = parser.parse_args(argv)
+    if args.multicrop_only:
+        report = {"multicrop": multicrop(tuple(args.workers)), "cpu_count": os.cpu_count(), "machine": platform.machine()}
+        _print_multicrop(report["multicrop"])
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+        return report
     with tempfile.TemporaryDirectory(prefix="bench_data_") as tmp:
         root, out = Path(tmp) / "images", Path(tmp) / "shards"
         files = build_folder(root)
@@ -99,6 +181,7 @@ def main() -> dict[str, Any]:
         "write_shards": writing,
         "open_split": {"seconds": open_seconds, "samples": len(split)},
         "loader": {"batch_size": BATCH, "epochs_timed": EPOCHS, **loading},
+        "multicrop": multicrop(tuple(args.workers)),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "machine": platform.machine(),
@@ -110,9 +193,17 @@ def main() -> dict[str, Any]:
     print(f"  open_split (verify + index {len(split)} samples): {open_seconds * 1e3:.1f} ms")
     for name, t in loading.items():
         print(f"  loader ({name}, decode + to tensor): {t['images_per_second']:8.0f} images/s")
-    OUTPUT.parent.mkdir(parents=True, exist_ok=True)
-    OUTPUT.write_text(json.dumps(report, indent=2) + "\n")
+    _print_multicrop(report["multicrop"])
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+def _print_multicrop(result: dict[str, Any]) -> None:
+    for name, case in result.items():
+        for workers, timing in case["workers"].items():
+            print(f"  multi-crop {name} ({case['image']} -> {case['crops']}), {workers} workers: "
+                  f"{timing['images_per_second']['median']:7.1f} images/s, {timing['per_worker_images_per_second']:6.1f} per worker")
 
 
 if __name__ == "__main__":

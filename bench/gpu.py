@@ -1,0 +1,384 @@
+"""The GPU harness: every GPU figure of reports/bench.md and the bf16 correctness check, in one command.
+
+    bash bench/gpu.sh [part ...]          # on a CUDA machine (README "Benchmarks": the exact device call)
+    .venv/bin/python -m bench.gpu --dry-run   # here, on CPU, tiny sizes: exercises every part before GPU time is spent
+
+Parts, in order (each writes ``<out>/<file>`` as soon as it ends, so a run cut
+short keeps what it finished; a part that would overrun ``--budget-s`` is
+skipped and named, run it again by name):
+
+* ``correctness`` (gpu_correctness.json): one ViT-S/16 multi-crop step on the
+  same batch and weights, float32 on the CPU vs bf16 autocast on the GPU;
+  losses must agree within ``TOLERANCE`` (relative). Drop-path is off (its
+  draws differ between CPU and CUDA generators); ``random`` masks are drawn on
+  the CPU, so they are identical; AttMask ranks bf16-computed attention, so its
+  masks may differ slightly and its line is informative.
+* ``step`` (gpu_step.json): the interleaved per-strategy step benchmark of
+  :mod:`bench.bench_pretrain` on ViT-S/16 multi-crop at the paper's 64 images
+  per GPU, images/s, MFU, memory; then host syncs per step counted with
+  ``torch.cuda.set_sync_debug_mode("warn")`` (must be 0).
+* ``batch`` (gpu_batch.json): the largest batch that fits: doubling from 64
+  until out of memory, then one step between the last fit and the first OOM.
+* ``data`` (gpu_data.json): the multi-crop data path with 1-16 worker processes
+  on that machine's CPUs (does the loader keep up with the step?).
+* ``knn`` (knn_cuda.json): weighted k-NN, 1.28M x 384 train vs all 50k val rows.
+* ``compile`` (gpu_compile.json): ``pretrain.compile`` true vs false,
+  compile time and steady-state speed-up.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from bench import bench_data, bench_knn
+from bench.bench_pretrain import case_params, fixed_crops, run_case, write_noise_shards
+from bench.flops import NetworkDims, analytic_step_flops
+from bench.machine import device_peak, machine_info, measure_matmul_tflops
+from bench.memory import PeakMemory, tensor_mib
+from bench.stats import summarize
+from pipeline.config import params_from_dict
+from pipeline.distributed import DistContext
+from pipeline.training import Pretrainer, PretrainPaths, configure_determinism
+
+PARTS = ("correctness", "step", "batch", "data", "knn", "compile")
+OUTPUTS = {"correctness": "gpu_correctness.json", "step": "gpu_step.json", "batch": "gpu_batch.json",
+           "data": "gpu_data.json", "knn": "knn_cuda.json", "compile": "gpu_compile.json"}
+# seconds each part may take on an H100 (generous): a part is skipped when fewer remain
+PART_SECONDS = {"correctness": 60, "step": 90, "batch": 150, "data": 120, "knn": 90, "compile": 300}
+TOLERANCE = 1e-2  # relative loss difference, bf16 autocast vs float32 (bf16 rounding: 1e-3 to 1e-2)
+CASE = "vit_s16_multicrop"
+
+
+class Settings:
+    """Sizes for a real GPU run, or tiny ones for the CPU dry run."""
+
+    def __init__(self, dry_run: bool):
+        self.dry_run = dry_run
+        self.device = torch.device("cpu" if dry_run else "cuda")
+        self.case = "embedded" if dry_run else CASE
+        self.step_batch = 8 if dry_run else 64
+        self.correctness_batch = 4 if dry_run else 8
+        self.rounds = 2 if dry_run else 10
+        self.steps_per_sample = 1 if dry_run else 5
+        self.batch_start, self.batch_cap = (8, 32) if dry_run else (64, 4096)
+        self.batch_steps = 1 if dry_run else 5  # steps per timed sample in the batch search
+        self.workers = (1, 2) if dry_run else (1, 2, 4, 8, 16)
+        self.compile_backend = "aot_eager" if dry_run else "inductor"  # inductor on CPU takes minutes
+
+
+def _params(settings: Settings, batch: int, **pretrain: Any) -> dict[str, Any]:
+    return case_params(settings.case, batch, **pretrain)
+
+
+def _trainer(raw: dict[str, Any], shards: Path, workdir: Path, strategy: str, device: torch.device) -> Pretrainer:
+    raw = json.loads(json.dumps(raw))
+    raw["masking"]["strategy"] = strategy
+    paths = PretrainPaths.under(shards, workdir / strategy, workdir / strategy)
+    return Pretrainer(params_from_dict(raw), paths, device, DistContext(), progress_bar=False)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ------------------------------------------------------------------ parts
+def correctness(settings: Settings) -> dict[str, Any]:
+    """float32 CPU vs bf16 GPU: teacher outputs and the loss of the first steps, same weights and batch.
+
+    At initialisation the loss is close to ln(out_dim) whatever the input, so the
+    binding checks are the teacher's outputs (``|a - b| / |a|`` over all logits)
+    and the first step's loss; the loss after three steps shows how far the two
+    runs drift apart once bf16 updates the weights (informative).
+    """
+    raw = _params(settings, settings.correctness_batch)
+    raw["model"]["drop_path_rate"] = 0.0
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = write_noise_shards(raw, Path(tmp), settings.correctness_batch)
+        shards = Path(tmp) / "shards"
+        for strategy in ("random", "attmask_high"):
+            losses, outputs = {}, {}
+            for label, device in (("cpu_float32", torch.device("cpu")), ("device", settings.device)):
+                trainer = _trainer(raw, shards, Path(tmp) / label, strategy, device)
+                crops = fixed_crops(trainer, device)
+                with torch.no_grad(), trainer.autocast:
+                    target = trainer.teacher(torch.cat(crops[:2]))
+                outputs[label] = {k: target[k].float().cpu() for k in ("cls", "patch")}
+                steps = [trainer.train_step(crops, epoch=0, step=i) for i in range(3)]
+                losses[label] = {**{k: float(v) for k, v in steps[0].items()},
+                                 "loss_total_after_3_steps": float(steps[-1]["loss_total"])}
+                del trainer, crops, target, steps
+            relative = {k: abs(losses["device"][k] - losses["cpu_float32"][k]) / max(abs(losses["cpu_float32"][k]), 1e-12)
+                        for k in ("loss_total", "loss_cls", "loss_patch", "loss_total_after_3_steps")}
+            for k in ("cls", "patch"):
+                reference = outputs["cpu_float32"][k]
+                relative[f"teacher_{k}_logits"] = float((outputs["device"][k] - reference).norm() / reference.norm())
+            finite = all(math.isfinite(v) for v in losses["device"].values())
+            binding = ("loss_total", "teacher_cls_logits", "teacher_patch_logits")
+            results[strategy] = {"losses": losses, "relative_difference": relative, "finite": finite,
+                                 "passed": finite and all(relative[k] <= TOLERANCE for k in binding),
+                                 "binding": strategy == "random"}
+    return {"tolerance": TOLERANCE, "batch": settings.correctness_batch, "case": settings.case,
+            "passed": all(r["passed"] for r in results.values() if r["binding"]), "strategies": results,
+            "checked": "first-step loss and teacher logits (relative); loss after 3 steps informative",
+            "note": "binding check: random (identical masks); attmask_high masks come from bf16 attention and may differ"}
+
+
+def count_host_syncs(trainer: Pretrainer, crops: list[torch.Tensor], steps: int) -> dict[str, Any]:
+    """Synchronising CUDA calls per train_step, caught by torch's sync debug mode (warm trainer)."""
+    if trainer.device.type != "cuda":
+        return {"syncs_per_step": None, "note": "CUDA only"}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for _ in range(steps):
+                trainer.train_step(crops, epoch=0, step=0)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
+    where = Counter(f"{Path(w.filename).name}:{w.lineno}" for w in syncs)
+    return {"syncs_per_step": len(syncs) / steps, "steps": steps, "where": dict(where.most_common(10))}
+
+
+def step(settings: Settings) -> dict[str, Any]:
+    device = settings.device
+    matmul = measure_matmul_tflops(device, torch.bfloat16 if device.type == "cuda" else torch.float32,
+                                   size=8192 if device.type == "cuda" else 1024, repeats=5, per_sample=10)
+    peak = device_peak(device, matmul) if device.type == "cuda" else None  # CPU dry run: bench_pretrain's own probe
+    result = run_case(settings.case, settings.step_batch, settings.rounds, device, warmup=2,
+                      steps_per_sample=settings.steps_per_sample, peak=peak, memory_probe=False)
+    raw = _params(settings, settings.step_batch)
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = write_noise_shards(raw, Path(tmp), settings.step_batch)
+        syncs = {}
+        for strategy in ("random", "attmask_high", "attmask_hint", "block"):
+            trainer = _trainer(raw, Path(tmp) / "shards", Path(tmp), strategy, device)
+            crops = fixed_crops(trainer, device)
+            for _ in range(2):  # warm: optimiser state, kernels
+                trainer.train_step(crops, epoch=0, step=0)
+            syncs[strategy] = count_host_syncs(trainer, crops, steps=5)
+            del trainer, crops
+    result["host_syncs"] = syncs
+    result["matmul"] = matmul
+    return {"machine": machine_info(), "cases": {settings.case: result}}
+
+
+def largest_batch(settings: Settings, strategy: str = "attmask_high") -> dict[str, Any]:
+    """Double the batch until a step runs out of memory; then try halfway between the last fit and the OOM."""
+    device = settings.device
+    trials: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = write_noise_shards(_params(settings, settings.batch_start), Path(tmp), settings.batch_cap)
+        shards = Path(tmp) / "shards"
+
+        def attempt(batch: int) -> bool:
+            trial = try_batch(raw, shards, Path(tmp), strategy, batch, device, settings.batch_steps)
+            trials.append(trial)
+            print(f"  batch {batch:5d}: " + (f"{trial['images_per_second']:8.1f} img/s, peak {trial['peak_mib']:.0f} MiB"
+                                             if trial["ok"] else f"failed ({trial['error'][:80]})"), flush=True)
+            return trial["ok"]
+
+        batch, last_ok = settings.batch_start, None
+        while batch <= settings.batch_cap and attempt(batch):
+            last_ok, batch = batch, batch * 2
+        if last_ok is not None and batch <= settings.batch_cap:
+            middle = (last_ok + batch) // 2
+            if attempt(middle):
+                last_ok = middle
+    return {"machine": machine_info(), "strategy": strategy, "case": settings.case, "trials": trials,
+            "largest": last_ok, "cap": settings.batch_cap}
+
+
+def try_batch(raw: dict[str, Any], shards: Path, workdir: Path, strategy: str, batch: int, device: torch.device,
+              steps: int = 5) -> dict[str, Any]:
+    """Images/s, peak memory and MFU of one strategy at ``batch``; ``ok`` False on out-of-memory."""
+    raw = json.loads(json.dumps(raw))
+    raw["pretrain"]["batch_size"] = batch
+    trainer = crops = None
+    try:
+        trainer = _trainer(raw, shards, workdir / f"b{batch}", strategy, device)
+        crops = fixed_crops(trainer, device)
+        with PeakMemory(device) as memory:
+            for _ in range(2):
+                trainer.train_step(crops, epoch=0, step=0)
+            samples = []
+            for _ in range(3):
+                _sync(device)
+                start = time.perf_counter()
+                for _ in range(steps):
+                    trainer.train_step(crops, epoch=0, step=0)
+                _sync(device)
+                samples.append((time.perf_counter() - start) / steps)
+        augment = trainer.params.augment
+        flops = analytic_step_flops(NetworkDims.of(trainer.student_module), batch, augment.global_size,
+                                    augment.local_size, augment.local_number, strategy.startswith("attmask"))["total"]
+        seconds = summarize(samples)
+        return {"batch": batch, "ok": True, "step_seconds": seconds, "images_per_second": batch / seconds["median"],
+                "achieved_tflops": flops / seconds["median"] / 1e12, "peak_mib": memory.result()["peak_mib"],
+                "state_mib": tensor_mib(trainer.student_module, trainer.teacher, trainer.optimizer, trainer.loss),
+                "flops": "analytic (bench.flops), equal to the counter's on this model"}
+    except (torch.OutOfMemoryError, RuntimeError) as error:
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        # cuBLAS and cuDNN report exhausted memory as plain RuntimeErrors
+        if not isinstance(error, torch.OutOfMemoryError) and not any(
+                m in message for m in ("out of memory", "ALLOC_FAILED", "CUBLAS_STATUS_NOT_INITIALIZED")):
+            raise
+        return {"batch": batch, "ok": False, "error": f"out of memory: {message}"}
+    finally:
+        del trainer, crops
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def data(settings: Settings) -> dict[str, Any]:
+    images = 32 if settings.dry_run else 512
+    return {"machine": machine_info(), "multicrop": bench_data.multicrop(settings.workers, images=images, epochs=2)}
+
+
+def knn(settings: Settings, out: Path) -> dict[str, Any]:
+    args = ["--quick", "--device", "cpu"] if settings.dry_run else ["--device", "cuda"]
+    return bench_knn.main(args + ["--out", str(out / OUTPUTS["knn"])])
+
+
+def compile_speedup(settings: Settings, strategy: str = "attmask_high") -> dict[str, Any]:
+    """Eager vs ``pretrain.compile: true``: first-steps (compile) time and interleaved steady-state step time."""
+    import pipeline.training as training
+
+    device = settings.device
+    previous = training.COMPILE_BACKEND
+    training.COMPILE_BACKEND = settings.compile_backend
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            raw = write_noise_shards(_params(settings, settings.step_batch), Path(tmp), settings.step_batch)
+            trainers, first_steps = {}, {}
+            for label, flag in (("eager", False), ("compiled", True)):
+                variant = json.loads(json.dumps(raw))
+                variant["pretrain"]["compile"] = flag
+                trainers[label] = _trainer(variant, Path(tmp) / "shards", Path(tmp) / label, strategy, device)
+                crops = fixed_crops(trainers[label], device)
+                _sync(device)
+                start = time.perf_counter()
+                for _ in range(3):
+                    scalars = trainers[label].train_step(crops, epoch=0, step=0)
+                _sync(device)
+                first_steps[label] = {"seconds": time.perf_counter() - start, "loss": float(scalars["loss_total"])}
+            times: dict[str, list[float]] = {"eager": [], "compiled": []}
+            for round_index in range(settings.rounds):
+                for label in (("eager", "compiled") if round_index % 2 == 0 else ("compiled", "eager")):
+                    _sync(device)
+                    start = time.perf_counter()
+                    for _ in range(settings.steps_per_sample):
+                        trainers[label].train_step(crops, epoch=0, step=0)
+                    _sync(device)
+                    times[label].append((time.perf_counter() - start) / settings.steps_per_sample)
+    finally:
+        training.COMPILE_BACKEND = previous
+    eager, compiled = summarize(times["eager"]), summarize(times["compiled"])
+    batch = settings.step_batch
+    return {"machine": machine_info(), "strategy": strategy, "batch": batch, "backend": settings.compile_backend,
+            "first_three_steps": first_steps,
+            "compile_seconds": first_steps["compiled"]["seconds"] - first_steps["eager"]["seconds"],
+            "eager": {"step_seconds": eager, "images_per_second": batch / eager["median"]},
+            "compiled": {"step_seconds": compiled, "images_per_second": batch / compiled["median"]},
+            "speedup": eager["median"] / compiled["median"],
+            "break_even_steps": _break_even(first_steps, eager["median"], compiled["median"])}
+
+
+def _break_even(first: dict[str, Any], eager: float, compiled: float) -> float | None:
+    """Steps after which compiling has paid for itself (None if it never does)."""
+    saved = eager - compiled
+    return (first["compiled"]["seconds"] - first["eager"]["seconds"]) / saved if saved > 0 else None
+
+
+# ------------------------------------------------------------------ driver
+def run_parts(parts: list[str], settings: Settings, out: Path, budget_s: float) -> dict[str, str]:
+    configure_determinism()
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    status: dict[str, str] = {}
+    actions: dict[str, Callable[[], dict[str, Any] | None]] = {
+        "correctness": lambda: correctness(settings), "step": lambda: step(settings),
+        "batch": lambda: largest_batch(settings), "data": lambda: data(settings),
+        "knn": lambda: knn(settings, out), "compile": lambda: compile_speedup(settings),
+    }
+    for part in parts:
+        left = budget_s - (time.perf_counter() - start)
+        if not settings.dry_run and left < PART_SECONDS[part]:
+            status[part] = f"skipped: {left:.0f} s of the {budget_s:.0f} s budget left, needs ~{PART_SECONDS[part]} s"
+            print(f"== {part}: {status[part]}", flush=True)
+            continue
+        print(f"== {part}", flush=True)
+        part_start = time.perf_counter()
+        try:
+            result = actions[part]()
+            if part != "knn":  # bench_knn writes its own file
+                result = {**result, "seconds": time.perf_counter() - part_start}
+                (out / OUTPUTS[part]).write_text(json.dumps(result, indent=2, sort_keys=True, default=str) + "\n")
+            status[part] = f"ok ({time.perf_counter() - part_start:.0f} s)"
+            _summary(part, result)
+        except Exception as error:  # keep going: later parts are independent
+            traceback.print_exc()
+            status[part] = f"failed: {type(error).__name__}: {error}"
+            (out / OUTPUTS[part]).write_text(json.dumps({"error": status[part], "machine": machine_info()}, indent=2) + "\n")
+        gc.collect()
+        if settings.device.type == "cuda":
+            torch.cuda.empty_cache()
+    print("== summary")
+    for part, line in status.items():
+        print(f"  {part:12s} {line}")
+    print("copy the JSON files into reports/bench/, then: .venv/bin/python -m bench.report --readme")
+    return status
+
+
+def _summary(part: str, result: dict[str, Any]) -> None:
+    if part == "correctness":
+        for s, r in result["strategies"].items():
+            d = r["relative_difference"]
+            print(f"  {s}: relative difference loss {d['loss_total']:.2e}, teacher logits {d['teacher_cls_logits']:.2e} / "
+                  f"{d['teacher_patch_logits']:.2e}, loss after 3 steps {d['loss_total_after_3_steps']:.2e} "
+                  f"({'pass' if r['passed'] else 'FAIL'}, tolerance {result['tolerance']})")
+    elif part == "step":
+        case = next(iter(result["cases"].values()))
+        for s, e in case["strategies"].items():
+            syncs = case["host_syncs"].get(s, {}).get("syncs_per_step")
+            print(f"  {s:13s} {e['images_per_second']:9.1f} img/s  MFU {100 * e['mfu']:5.1f}%  host syncs/step {syncs}")
+    elif part == "batch":
+        print(f"  largest batch that fits: {result['largest']}")
+    elif part == "compile":
+        print(f"  speed-up x{result['speedup']:.3f}, compile {result['compile_seconds']:.0f} s, "
+              f"break-even after {result['break_even_steps']} steps")
+
+
+def main(argv: list[str] | None = None) -> dict[str, str]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("parts", nargs="*", default=list(PARTS), help=f"any of {PARTS} (default: all)")
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or "reports/bench"))
+    parser.add_argument("--budget-s", type=float, default=540.0, help="skip parts that would not end within this")
+    parser.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes: check the harness itself")
+    args = parser.parse_args(argv)
+    unknown = [p for p in args.parts if p not in PARTS]
+    if unknown:
+        parser.error(f"unknown parts {unknown}; choose from {PARTS}")
+    if not args.dry_run and not torch.cuda.is_available():
+        sys.exit("bench.gpu: no CUDA device here; use --dry-run to check the harness on CPU")
+    return run_parts(args.parts, Settings(args.dry_run), args.out, args.budget_s)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,414 @@
+"""Render reports/bench.md from the JSON the benchmarks wrote (reports/bench/*.json, reports/timing/*.json).
+
+    .venv/bin/python -m bench.report     # re-render only (make bench runs the benchmarks first)
+
+Every figure is read from a JSON file and printed with the machine it came
+from; a figure no benchmark has produced yet is printed as owed, never guessed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from bench import estimate
+from bench.stats import format_summary
+
+BENCH_DIR = Path("reports/bench")
+TIMING_DIR = Path("reports/timing")
+OUTPUT = Path("reports/bench.md")
+FILES = ("run", "pretrain_step", "data", "knn", "masking", "gpu_correctness", "gpu_step", "gpu_batch", "gpu_data", "knn_cuda",
+         "gpu_compile")
+# make repro's stages, in pipeline order (a stage without a timing file is listed as not measured yet)
+STAGES = ("generate", "shard", "pretrain", "extract", "knn", "fewshot", "linear", "finetune", "metrics", "report")
+ORDER = ("random", "block", "attmask_high", "attmask_hint", "attmask_low")  # random first: the reference
+OWED = "*owed: needs a GPU run of `bash bench/gpu.sh` (README, Benchmarks)*"
+
+
+def load_results(bench_dir: Path = BENCH_DIR, timing_dir: Path = TIMING_DIR) -> dict[str, Any]:
+    """Every known JSON file (None where missing) plus ``timing``: stage -> that stage's timing JSON."""
+    results: dict[str, Any] = {}
+    for name in FILES:
+        path = bench_dir / f"{name}.json"
+        results[name] = json.loads(path.read_text()) if path.is_file() else None
+    results["timing"] = {}
+    if timing_dir.is_dir():
+        for path in sorted(timing_dir.glob("*.json")):
+            try:
+                results["timing"][path.stem] = json.loads(path.read_text())
+            except json.JSONDecodeError:
+                continue  # being written by a running stage
+    return results
+
+
+# ----------------------------------------------------------------- sections
+def machine_section(results: dict[str, Any]) -> list[str]:
+    lines = ["## Machines", ""]
+    seen = []
+    for name in ("pretrain_step", "gpu_step", "gpu_correctness", "gpu_batch", "gpu_compile", "gpu_data"):
+        machine = (results.get(name) or {}).get("machine")
+        if machine and machine not in seen:
+            seen.append(machine)
+    if not seen:
+        return lines + ["No benchmark has run yet: `make bench`.", ""]
+    for machine in seen:
+        gpu = machine.get("gpu")
+        where = f"GPU: {gpu['name']} x{gpu['count']}, {gpu['memory_gib']:.0f} GiB" if gpu else "no GPU"
+        packages = ", ".join(f"{k} {v}" for k, v in machine.get("packages", {}).items())
+        memory = f", {machine['memory_gib']:.0f} GiB RAM" if machine.get("memory_gib") else ""
+        lines.append(f"- **{where}**; CPU: {machine['cpu']}, {machine['usable_cpus']} usable of {machine['cpu_count']} "
+                     f"logical CPUs, {machine['torch_threads']} torch threads{memory}. {packages}.")
+    return lines + [""]
+
+
+def step_table(case: dict[str, Any]) -> list[str]:
+    """One row per strategy: step time, images/s, TFLOP/s, MFU, ratio to random, memory."""
+    cuda = case["config"]["device"].startswith("cuda")
+    head = "| strategy | step (median, min-max, n) | images/s | TFLOP/s | MFU | x random (per-round ratio) |"
+    head += " peak memory |" if cuda else ""
+    lines = [head, "|" + "---|" * (7 if cuda else 6)]
+    for strategy, entry in _ordered(case["strategies"]):
+        ratio = case.get("ratio_to_random", {}).get(strategy)
+        ratio_text = format_summary(ratio, digits=3) if ratio else "-"
+        row = (f"| {strategy} | {format_summary(entry['step_seconds'], 1000, 1, ' ms')} | {entry['images_per_second']:.1f} | "
+               f"{entry['achieved_tflops']:.3f} | {100 * entry['mfu']:.1f}% | {ratio_text} |")
+        if cuda:
+            row += f" {entry['memory']['training_peak_mib'] / 1024:.1f} GiB |"
+        lines.append(row)
+    return lines
+
+
+def _ordered(entries: dict[str, Any]) -> list[tuple[str, Any]]:
+    return sorted(entries.items(), key=lambda item: ORDER.index(item[0]) if item[0] in ORDER else len(ORDER))
+
+
+def step_notes(case: dict[str, Any]) -> list[str]:
+    config, peak = case["config"], case["peak"]
+    first = next(iter(case["strategies"].values()))
+    counted, analytic = first.get("flops_per_step"), first["analytic_flops_per_step"]["total"]
+    by_op = first.get("flops_by_op") or {}
+    conv = sum(v for k, v in by_op.items() if "convolution" in k)
+    lines = [
+        f"Batch {config['batch_size']} ({config['global_size']} px x2 + {config['local_size']} px x{config['local_number']} crops), "
+        f"{config['device']}, autocast {config['autocast']}, compile {config['compile']}, {config['rounds']} interleaved "
+        f"rounds after {config['warmup_rounds']} warm-up, {config['steps_per_sample']} step(s) per sample.",
+        f"FLOPs per step ({first and list(case['strategies'])[0]}): "
+        + (f"{counted / 1e9:.1f} GFLOP counted by `torch.utils.flop_counter.FlopCounterMode` (matmuls, convolution, "
+           f"attention; forward and backward of the student, forward of the teacher, heads included), "
+           f"x{counted / analytic:.4f} of the analytic count {analytic / 1e9:.1f} GFLOP." if counted else
+           f"{analytic / 1e9:.1f} GFLOP analytic."),
+        f"MFU = FLOPs per step / median step time / peak; peak {peak['tflops']:.3g} TFLOP/s ({peak['source']}"
+        + (f", range {format_summary(peak['matmul']['tflops'], digits=3)}" if "matmul" in peak else "") + ").",
+    ]
+    matmul = case.get("matmul")
+    if matmul and case["strategies"]:
+        best = max(e["achieved_tflops"] for e in case["strategies"].values())
+        lines.append(f"Measured {matmul['dtype']} {matmul['size']}^3 matmul on this device: "
+                     f"{matmul['tflops']['median']:.0f} TFLOP/s; the best strategy reaches {100 * best / matmul['tflops']['median']:.0f}% of it.")
+    if conv and counted:
+        lines.append(f"Channels-last: the patch embedding is the only convolution, {100 * conv / counted:.1f}% of the "
+                     "step's FLOPs, so a memory-format change cannot buy more than that; not offered as an option.")
+    if "attmask_overhead_percent" in case:
+        overhead = ", ".join(f"{s} {v:+.1f}%" for s, v in case["attmask_overhead_percent"].items())
+        lines.append(f"AttMask overhead over random (median of per-round ratios): {overhead}.")
+    memory = case.get("memory")
+    if memory:
+        lines.append(f"Memory: peak RSS {memory['peak_rss_mib']:.0f} MiB for one process training {memory['strategy']} "
+                     f"(model, teacher and AdamW state {memory['state_mib']:.0f} MiB; a step adds "
+                     f"{memory['step_growth_mib']:.0f} MiB); {memory['method']}.")
+    syncs = case.get("host_syncs")
+    if syncs:
+        counts = ", ".join(f"{s} {v['syncs_per_step']:g}" for s, v in syncs.items() if v.get("syncs_per_step") is not None)
+        where = {k: n for v in syncs.values() for k, n in (v.get("where") or {}).items()}
+        if counts:
+            lines.append(f"Host syncs per step (`torch.cuda.set_sync_debug_mode`): {counts}" + (f"; at {where}" if where else "") + ".")
+    return [f"- {line}" for line in lines]
+
+
+def pretrain_section(results: dict[str, Any]) -> list[str]:
+    lines = ["## Pre-training step per masking strategy", ""]
+    cpu = results.get("pretrain_step")
+    if not cpu or "cases" not in cpu:
+        lines += ["CPU: not measured with this version yet (`make bench`).", ""]
+    else:
+        for name, case in cpu["cases"].items():
+            lines += [f"### CPU, {_case_title(name)}", ""] + step_table(case) + [""] + step_notes(case) + [""]
+    gpu = results.get("gpu_step")
+    if gpu and "cases" in gpu:
+        for name, case in gpu["cases"].items():
+            lines += [f"### {_gpu_name(gpu)}, {_case_title(name)}", ""] + step_table(case) + [""]
+            lines += step_notes(case) + [""]
+    else:
+        lines += ["### GPU, ViT-S/16 multi-crop", "", _owed_or_error(gpu), ""]
+    return lines
+
+
+def _gpu_name(result: dict[str, Any]) -> str:
+    gpu = result.get("machine", {}).get("gpu")
+    return f"GPU ({gpu['name']})" if gpu else "GPU harness dry run on CPU (not GPU figures)"
+
+
+def _case_title(name: str) -> str:
+    return {"embedded": "embedded config (params.yaml)",
+            "vit_s16_multicrop": "ViT-S/16, 2 x 224 + 10 x 96 px crops (the paper's setting)"}.get(name, name)
+
+
+def _dry(result: dict[str, Any]) -> str:
+    return "" if (result.get("machine") or {}).get("gpu") else "*Dry run of the GPU harness on CPU, not GPU figures:* "
+
+
+def _owed_or_error(result: dict[str, Any] | None) -> str:
+    if result and "error" in result:
+        return f"The GPU run failed: `{result['error']}`."
+    return OWED
+
+
+def gpu_checks_section(results: dict[str, Any]) -> list[str]:
+    lines = ["## GPU: correctness, largest batch, torch.compile", ""]
+    check = results.get("gpu_correctness")
+    if check and "strategies" in check:
+        lines.append(f"{_dry(check)}**bf16 vs float32 loss** (one step, batch {check['batch']}, same weights and crops, drop-path off; "
+                     f"tolerance {check['tolerance']:g} relative): {'PASSED' if check['passed'] else 'FAILED'}.")
+        lines.append("")
+        lines += ["| strategy | CPU float32 loss | GPU bf16 loss | relative difference | teacher logits [CLS] / patch "
+                  "| loss after 3 steps | binding |", "|---|---|---|---|---|---|---|"]
+        for s, r in _ordered(check["strategies"]):
+            d = r["relative_difference"]
+            lines.append(f"| {s} | {r['losses']['cpu_float32']['loss_total']:.6f} | {r['losses']['device']['loss_total']:.6f} | "
+                         f"{d['loss_total']:.2e} | {d.get('teacher_cls_logits', float('nan')):.2e} / "
+                         f"{d.get('teacher_patch_logits', float('nan')):.2e} | {d.get('loss_total_after_3_steps', float('nan')):.2e} | "
+                         f"{'yes' if r['binding'] else 'no (masks from bf16 attention)'} |")
+        lines += ["", "At initialisation the loss is near ln(out_dim) for any input, hence the teacher-logit check."]
+    else:
+        lines.append(f"**bf16 vs float32 loss**: {_owed_or_error(check)}")
+    lines.append("")
+    batch = results.get("gpu_batch")
+    if batch and "trials" in batch:
+        lines += [f"{_dry(batch)}**Largest batch** ({batch['strategy']}): {batch['largest']} images per GPU.", "",
+                  "| batch | images/s | TFLOP/s | peak memory |", "|---|---|---|---|"]
+        for t in batch["trials"]:
+            lines.append(f"| {t['batch']} | {t['images_per_second']:.3g} | {t['achieved_tflops']:.3g} | {t['peak_mib'] / 1024:.1f} GiB |"
+                         if t["ok"] else f"| {t['batch']} | {t['error'][:60]} | | |")
+    else:
+        lines.append(f"**Largest batch**: {_owed_or_error(batch)}")
+    lines.append("")
+    compiled = results.get("gpu_compile")
+    if compiled and "speedup" in compiled:
+        even = compiled["break_even_steps"]
+        lines.append(f"{_dry(compiled)}**torch.compile** ({compiled['strategy']}, batch {compiled['batch']}, backend {compiled['backend']}): "
+                     f"eager {compiled['eager']['images_per_second']:.3g} images/s, compiled "
+                     f"{compiled['compiled']['images_per_second']:.3g} images/s (x{compiled['speedup']:.3f}); compiling "
+                     f"costs {compiled['compile_seconds']:.0f} s, "
+                     + (f"repaid after {even:.0f} steps." if even is not None else "never repaid."))
+    else:
+        lines.append(f"**torch.compile** (`pretrain.compile: true`): {_owed_or_error(compiled)} On CPU inductor takes "
+                     "minutes to compile the step and is not benchmarked.")
+    return lines + [""]
+
+
+def data_section(results: dict[str, Any]) -> list[str]:
+    lines = ["## Data path: shard read + decode + multi-crop, per worker process", ""]
+    rate = estimate.gpu_rate(results.get("gpu_step"), results.get("gpu_batch"))
+    needed = rate["tflops"] * 1e12 / estimate.flops_per_image(10)
+    label = "measured" if rate["measured"] else "estimated, no GPU measured yet"
+    for name in ("data", "gpu_data"):
+        result = results.get(name)
+        if not result or "multicrop" not in result:
+            if name == "gpu_data":
+                lines += [f"On the GPU machine's CPUs (1-16 workers): {_owed_or_error(result)}", ""]
+            continue
+        where = "this machine" if name == "data" else f"the GPU machine ({result['machine']['cpu']})"
+        lines += [f"On {where}:", "", "| crops | workers | images/s (median, min-max, n) | per worker |", "|---|---|---|---|"]
+        for case in result["multicrop"].values():
+            for workers, t in case["workers"].items():
+                lines.append(f"| {case['image']} -> {case['crops']} | {workers} | "
+                             f"{format_summary(t['images_per_second'], digits=1)} | {t['per_worker_images_per_second']:.1f} |")
+        lines.append("")
+        paper = result["multicrop"].get("paper")
+        if paper:
+            best = max(t["per_worker_images_per_second"] for t in paper["workers"].values())
+            verdict = ("enough" if best * 16 >= needed
+                       else f"{needed / 16 / best:.0f}x short: the loader, not the GPU, would set the pace")
+            lines.append(f"To keep up with one GPU's ViT-S/16 step ({needed:,.0f} images/s, {label}) with 16 workers, each "
+                         f"worker must deliver {needed / 16:,.0f} images/s; the best measured here is {best:.1f} ({verdict}).")
+            lines.append("")
+    plain = results.get("data")
+    if plain and "loader" in plain:
+        loader, write = plain["loader"], plain["write_shards"]
+        writing = ", ".join(f"{k}: {v['images_per_second']:.0f}" for k, v in write.items())
+        reading = ", ".join(f"{k}: {v['images_per_second']:.0f}" for k, v in loader.items() if k.startswith("num_workers"))
+        lines.append(f"Shard writing {writing} images/s; loader with decoding only {reading} images/s "
+                     f"({plain['images']['size']} px JPEG).")
+        lines.append("")
+    return lines
+
+
+def knn_section(results: dict[str, Any]) -> list[str]:
+    lines = ["## k-NN at ImageNet scale (synthetic features)", ""]
+    for name in ("knn", "knn_cuda"):
+        result = results.get(name)
+        if not result or "cases" not in result:
+            if name == "knn_cuda":
+                lines += [f"CUDA: {_owed_or_error(result)}", ""]
+            continue
+        lines += [f"{result['device']}, {result['train_rows']:,} x {result['dim']} train, {result['classes']} classes, "
+                  f"{result['threads']} threads:", "",
+                  "| case | val rows timed | ms per val row | 50k val rows | peak extra memory |", "|---|---|---|---|---|"]
+        for case_name, case in result["cases"].items():
+            measured = "measured" if case["val_rows"] >= result["extrapolated_to_val_rows"] else "extrapolated"
+            lines.append(f"| {case_name} | {case['val_rows']:,} | {case['ms_per_val_row']:.3f} | "
+                         f"{case['extrapolated_50k_val_seconds'] / 60:.1f} min ({measured}) | {case['peak_extra_mib']:,.0f} MiB |")
+        lines.append("")
+    return lines
+
+
+def masking_section(results: dict[str, Any]) -> list[str]:
+    result = results.get("masking")
+    if not result:
+        return []
+    lines = ["## Masking alone", "", f"`generate_masks`, batch {result['batch_size']}, {result['device']}, median of "
+             f"{result['repeats']} calls (microseconds; over random in brackets):", ""]
+    grids = list(result["per_call"])
+    lines += ["| strategy | " + " | ".join(grids) + " |", "|---|" + "---|" * len(grids)]
+    for strategy in result["per_call"][grids[0]]:
+        cells = [f"{result['per_call'][g][strategy]['median_s'] * 1e6:.0f} ({result['per_call'][g][strategy]['over_random_us']:+.0f})"
+                 for g in grids]
+        lines.append(f"| {strategy} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def timing_section(results: dict[str, Any]) -> list[str]:
+    lines = ["## Embedded `make repro`: wall time per stage", ""]
+    timing = results.get("timing") or {}
+    if not timing:
+        return lines + ["Not measured yet: no `reports/timing/<stage>.json` (written by each stage's run record).", ""]
+    lines += ["| stage | wall time | device | sacred run |", "|---|---|---|---|"]
+    total = 0.0
+    stages = [s for s in STAGES if s in timing] + sorted(s for s in timing if s not in STAGES and "wall_seconds" in timing[s])
+    for stage in stages:
+        record = timing[stage]
+        total += record["wall_seconds"]
+        device = (record.get("machine") or {}).get("device", "?")
+        lines.append(f"| {stage} | {record['wall_seconds']:.1f} s | {device} | {record.get('sacred_run', '-')} |")
+    missing = [s for s in STAGES if s not in timing]
+    lines.append(f"| **total** | **{total / 60:.1f} min** | | |")
+    machine = next(iter(timing.values())).get("machine") or {}
+    lines.append("")
+    lines.append(f"On {machine.get('cpu_model', '?')}, {machine.get('cpus', '?')} CPUs."
+                 + (f" Not measured yet: {', '.join(missing)}." if missing else ""))
+    return lines + [""]
+
+
+def estimate_section(results: dict[str, Any]) -> list[str]:
+    rate = estimate.gpu_rate(results.get("gpu_step"), results.get("gpu_batch"))
+    return ["## Estimated time of the paper's 100-epoch runs", "", estimate.markdown(estimate.estimate_rows(rate), rate), ""]
+
+
+def options_section() -> list[str]:
+    return ["## Performance options (`pretrain` in params.yaml)", "",
+            "- `fused_adamw: true`: one fused AdamW kernel on CUDA; the CPU keeps the foreach implementation, so CPU "
+            "results do not change.",
+            "- `compile: false`: `torch.compile` (inductor) of student and teacher, in place, static shapes; GPU "
+            "speed-up above when measured.",
+            "- bf16 autocast and fused attention (SDPA) are always on CUDA; the step has no host syncs (masks and "
+            "counts go to the GPU with non-blocking copies; scalars are flushed every `log_every` steps).",
+            "- channels-last: not offered (a ViT's only convolution is the patch embedding; its share is given above).", ""]
+
+
+def render(results: dict[str, Any]) -> str:
+    lines = ["# Benchmarks", "",
+             "Generated by `make bench` (`python -m bench`; `python -m bench.report` re-renders) from "
+             "`reports/bench/*.json` and `reports/timing/*.json`. Each figure is the median of repeats with the full "
+             "range (min-max) and the number of repeats n. CPU figures on a shared machine are noisy.", ""]
+    run = results.get("run") or {}
+    if run.get("quick"):
+        lines += ["**Smoke run (`python -m bench --quick`): small sizes and few repeats; these CPU figures are not for "
+                  "quoting. `make bench` on a quiet machine replaces them.**", ""]
+    for section in (machine_section, pretrain_section, gpu_checks_section, data_section, knn_section, masking_section,
+                    timing_section, estimate_section):
+        lines += section(results)
+    lines += options_section()
+    return "\n".join(lines)
+
+
+SUMMARY_BEGIN, SUMMARY_END = "<!-- bench:summary:begin -->", "<!-- bench:summary:end -->"
+
+
+def readme_summary(results: dict[str, Any]) -> str:
+    """The few figures the README quotes, each with where it came from."""
+    lines = []
+    cpu = (results.get("pretrain_step") or {}).get("cases", {})
+    for name, case in cpu.items():
+        lines.append(f"- pre-training step, CPU, {_case_title(name)}, batch {case['config']['batch_size']}: " + _step_line(case))
+    gpu = (results.get("gpu_step") or {}).get("cases", {})
+    for name, case in gpu.items():
+        lines.append(f"- pre-training step, {_gpu_name(results['gpu_step'])}, {_case_title(name)}, batch "
+                     f"{case['config']['batch_size']}: " + _step_line(case))
+    if not gpu:
+        lines.append("- GPU figures (ViT-S/16 step and MFU, bf16 correctness, largest batch, compile, k-NN on CUDA, "
+                     "16-worker data path): **owed**, no GPU run yet")
+    for name in ("data", "gpu_data"):
+        paper = ((results.get(name) or {}).get("multicrop") or {}).get("paper")
+        if paper:
+            rates = ", ".join(f"{w} worker{'s' if w != '1' else ''} {t['per_worker_images_per_second']:.1f}"
+                              for w, t in paper["workers"].items())
+            where = "here" if name == "data" else "on the GPU machine"
+            lines.append(f"- data path at the paper's crops ({paper['image']} -> {paper['crops']}), images/s per worker "
+                         f"{where}: {rates}")
+    rate = estimate.gpu_rate(results.get("gpu_step"), results.get("gpu_batch"))
+    needed = rate["tflops"] * 1e12 / estimate.flops_per_image(10)
+    lines.append(f"- to feed one GPU's ViT-S/16 step ({needed:,.0f} images/s, "
+                 f"{'measured' if rate['measured'] else 'estimated at 40% MFU, not measured'}) 16 workers must each "
+                 f"deliver {needed / 16:,.0f} images/s")
+    for name in ("knn", "knn_cuda"):
+        knn = results.get(name)
+        if knn and knn.get("cases"):
+            case_name, case = next(iter(knn["cases"].items()))
+            lines.append(f"- weighted k-NN {knn['train_rows']:,} x {knn['dim']} vs 50k val, {knn['device']} ({case_name}): "
+                         f"{case['ms_per_val_row']:.2f} ms per val row, {case['extrapolated_50k_val_seconds'] / 60:.1f} min, "
+                         f"peak +{case['peak_extra_mib']:,.0f} MiB")
+    timing = results.get("timing") or {}
+    if timing:
+        seconds = {stage: t.get("wall_seconds", 0.0) for stage, t in timing.items()}
+        per_stage = ", ".join(f"{stage} {value:.0f} s" for stage, value in seconds.items())
+        lines.append(f"- embedded `make repro`: {sum(seconds.values()) / 60:.1f} min over {len(seconds)} timed stages "
+                     f"({per_stage})")
+    else:
+        lines.append("- embedded `make repro` wall time per stage: not measured yet")
+    return "\n".join(lines)
+
+
+def _step_line(case: dict[str, Any]) -> str:
+    random = case["strategies"].get("random") or next(iter(case["strategies"].values()))
+    text = (f"{random['step_seconds']['median'] * 1000:,.0f} ms/step for random ({random['images_per_second']:.1f} images/s, "
+            f"MFU {100 * random['mfu']:.1f}% of {case['peak']['tflops']:.3g} TFLOP/s, {case['peak']['source']})")
+    ratios = case.get("ratio_to_random") or {}
+    if ratios:
+        parts = ", ".join(f"{s} x{r['median']:.3f}" for s, r in _ordered(ratios) if s != "random")
+        text += f"; step time relative to random: {parts} (median of {case['config']['rounds']} interleaved rounds)"
+    return text
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--readme", type=Path, nargs="?", const=Path("README.md"), default=None,
+                        help="also rewrite the README's bench summary and estimate blocks (between their markers)")
+    args = parser.parse_args(argv)
+    results = load_results()
+    text = render(results)
+    OUTPUT.parent.mkdir(parents=True, exist_ok=True)
+    OUTPUT.write_text(text)
+    print(f"wrote {OUTPUT}")
+    if args.readme:
+        readme = args.readme.read_text()
+        readme = estimate.replace_block(readme, SUMMARY_BEGIN, SUMMARY_END, readme_summary(results))
+        rate = estimate.gpu_rate(results.get("gpu_step"), results.get("gpu_batch"))
+        readme = estimate.replace_block(readme, estimate.BEGIN, estimate.END, estimate.markdown(estimate.estimate_rows(rate), rate))
+        args.readme.write_text(readme)
+        print(f"updated {args.readme}")
+    return text
+
+
+if __name__ == "__main__":
+    main()
