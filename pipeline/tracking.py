@@ -116,7 +116,8 @@ def write_timing(stage: str, sacred_run: dict[str, Any] | None, wall_seconds: fl
 
     ``sacred_run`` is ``{"stage", "id", "dir"}`` of the run record (None: not recorded).
     """
-    timing = {"stage": stage, "sacred_run": sacred_run, "wall_seconds": wall_seconds, "machine": machine_info()}
+    timing = {"stage": stage, "sacred_run": sacred_run, "wall_seconds": wall_seconds,
+              "process_cpu_seconds": process_cpu_seconds(), "machine": machine_info()}
     timing.update(record.timing)
     for name, (columns, rows) in record.timing_tables.items():
         lines = [",".join(columns)] + [",".join(str(v) for v in row) for row in rows]
@@ -124,6 +125,17 @@ def write_timing(stage: str, sacred_run: dict[str, Any] | None, wall_seconds: fl
     path = directory / f"{stage}.json"
     _atomic_write_text(path, json.dumps(_jsonable(timing), indent=2, sort_keys=True) + "\n")
     return path
+
+
+def process_cpu_seconds() -> float:
+    """User + system CPU time of this process and its finished children (loader workers), start-up included.
+
+    Unlike wall time it hardly changes when other jobs share the cores.
+    """
+    import resource
+
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def machine_info() -> dict[str, Any]:

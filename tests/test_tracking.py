@@ -24,7 +24,7 @@ def test_record_run_writes_the_timing_file_after_main(tmp_path: Path, monkeypatc
     assert timing["stage"] == "knn"
     assert timing["sacred_run"]["id"] == result["sacred_run"]["id"]
     assert (tmp_path / "runs" / "knn" / str(timing["sacred_run"]["id"]) / "run.json").is_file()
-    assert timing["wall_seconds"] >= 0
+    assert timing["wall_seconds"] >= 0 and timing["process_cpu_seconds"] > 0
     assert timing["images_per_second"] == 12.5
     assert {"device", "cpu", "cpus", "threads", "hostname", "world_size"} <= set(timing["machine"])
     assert (tmp_path / "timing" / "knn_throughput.csv").read_text() == "step,images_per_second\n5,11.0\n10,14.0\n"
