@@ -27,15 +27,16 @@ from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow
 
-# 2 classes x 8 train / 4 val images of 16 px, a 2-block ViT, one epoch of everything
+# 2 classes x 8 train / 4 val images of 16 px, a 2-block ViT, one epoch of everything;
+# loader workers as in the defaults (a worker process must not change the bytes)
 TINY: dict[str, Any] = {
     "data": {"shard_size": 8, "synthetic": {"num_classes": 2, "train_per_class": 8, "val_per_class": 4, "image_size": 16}},
     "model": {"img_size": 16, "embed_dim": 32, "depth": 2, "num_heads": 2, "out_dim": 64, "head_hidden_dim": 64,
               "head_bottleneck_dim": 32},
     "augment": {"global_size": 16, "local_size": 8, "local_number": 2},
-    "pretrain": {"epochs": 1, "batch_size": 8, "num_workers": 0, "warmup_epochs": 0, "warmup_teacher_temp_epochs": 0,
+    "pretrain": {"epochs": 1, "batch_size": 8, "num_workers": 1, "warmup_epochs": 0, "warmup_teacher_temp_epochs": 0,
                  "checkpoint_every": 1, "log_every": 1, "device": "cpu"},
-    "extract": {"batch_size": 16, "num_workers": 0, "device": "cpu"},
+    "extract": {"batch_size": 16, "num_workers": 1, "device": "cpu"},
     "knn": {"k": [2, 4]},
     "fewshot": {"shots": [1, 2], "draws": 2, "k": 2},
     "linear": {"c_values": [1.0], "cv_folds": 2, "max_iter": 100},
