@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from bench.stats import summarize
+from pipeline.tracking import cpu_model
 
 PACKAGES = ("torch", "torchvision", "timm", "webdataset", "numpy", "pillow", "scikit-learn")
 
@@ -28,16 +29,6 @@ GPU_BF16_PEAK_TFLOPS: tuple[tuple[tuple[str, ...], float, str], ...] = (
     (("L4",), 121.0, "L4"),
     (("A10",), 125.0, "A10"),
 )
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def usable_cpus() -> int:

@@ -32,7 +32,6 @@ order and writes.
 """
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 import zipfile
@@ -49,7 +48,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from pipeline.augment import eval_transform
-from pipeline.checkpoint import CheckpointError, write_error
+from pipeline.checkpoint import CheckpointError, atomic_file, write_error
 from pipeline.config import ModelConfig, Params
 from pipeline.data import remove_stale_temporaries, replace_dir
 from pipeline.distributed import DistContext, barrier
@@ -380,27 +379,14 @@ def write_npz(path: str | Path, arrays: Mapping[str, np.ndarray]) -> None:
     temporary file in the same folder, are flushed to disk and renamed over
     ``path``: a reader sees the old file or the new one, never a partial one.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            with zipfile.ZipFile(handle, mode="w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
-                for key, value in arrays.items():
-                    info = zipfile.ZipInfo(f"{key}.npy", date_time=_ZIP_DATE)
-                    info.compress_type = zipfile.ZIP_STORED
-                    info.external_attr = 0o644 << 16
-                    with archive.open(info, mode="w", force_zip64=True) as member:
-                        np.lib.format.write_array(member, np.asanyarray(value), allow_pickle=False)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except OSError as error:
-        Path(tmp).unlink(missing_ok=True)
-        raise write_error(error, path) from error
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as handle:
+        with zipfile.ZipFile(handle, mode="w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+            for key, value in arrays.items():
+                info = zipfile.ZipInfo(f"{key}.npy", date_time=_ZIP_DATE)
+                info.compress_type = zipfile.ZIP_STORED
+                info.external_attr = 0o644 << 16
+                with archive.open(info, mode="w", force_zip64=True) as member:
+                    np.lib.format.write_array(member, np.asanyarray(value), allow_pickle=False)
 
 
 def save_features(path: str | Path, feature_set: FeatureSet) -> None:

@@ -153,7 +153,7 @@ def machine_info() -> dict[str, Any]:
     except AttributeError:  # not Linux
         cpus = os.cpu_count()
     info.update(
-        cpu=_cpu_model(),
+        cpu=cpu_model(),
         cpus=cpus,
         threads=torch.get_num_threads() if torch is not None else None,
         world_size=int(os.environ.get("WORLD_SIZE", "1")),
@@ -163,7 +163,8 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -174,11 +175,9 @@ def _cpu_model() -> str:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    # a reader (the report stage) never sees half a file
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    from pipeline.checkpoint import atomic_write_bytes  # a reader (the report stage) never sees half a file
+
+    atomic_write_bytes(path, text.encode())
 
 
 TRACKED_PACKAGES = ("torch", "torchvision", "timm", "webdataset", "dvc", "sacred", "scikit-learn", "numpy", "pillow")
