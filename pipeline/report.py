@@ -4,8 +4,9 @@
 ``fewshot``  mean top-1 per shot count (``fewshot_std`` the spread over draws)
 ``linear``   ``{"top1": ...}`` of the logistic-regression probe
 ``finetune`` ``{"top1": ...}`` of end-to-end fine-tuning
-``pretrain`` final losses and masked share (images/s and wall seconds are clock readings:
-             ``reports/timing/pretrain.json``, not here, so that reruns give identical bytes)
+``pretrain`` final losses and masked share, plus images/s and wall seconds copied from
+             ``reports/timing/pretrain.json`` (clock readings: that is why ``reports/metrics.json``
+             is a top-level DVC metric, not a stage output, so reruns keep identical dvc.lock hashes)
 ``baselines`` the same evaluations of the random-init backbone and raw pixels
 
 and render the human-readable report (the `report` stage): :func:`collect_report`
@@ -34,7 +35,8 @@ def _read(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def collect_metrics(eval_dir: Path, pretrain_dir: Path, variant: str = "pretrained") -> dict[str, Any]:
+def collect_metrics(eval_dir: Path, pretrain_dir: Path, variant: str = "pretrained",
+                    timing: dict[str, Any] | None = None) -> dict[str, Any]:
     """One flat-ish dict of the headline numbers, readable by ``dvc metrics show``."""
     knn = _read(eval_dir / "knn.json")
     fewshot = _read(eval_dir / "fewshot.json")
@@ -66,6 +68,9 @@ def collect_metrics(eval_dir: Path, pretrain_dir: Path, variant: str = "pretrain
         "final_loss_patch": pretrain["final_loss_patch"],
         "masked_share": pretrain["masked_share"],
     }
+    if timing is not None:  # DESIGN.md's public keys; absent when pretrain ran without a record
+        metrics["pretrain"]["images_per_second"] = timing.get("images_per_second")
+        metrics["pretrain"]["wall_seconds"] = timing.get("wall_seconds")
     metrics["baselines"] = {name: evaluations(name) for name in ("random_init", "pixels") if evaluations(name)}
     return metrics
 

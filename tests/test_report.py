@@ -248,3 +248,14 @@ def test_stage_outputs_are_byte_identical_on_rerun(
     readme = Path("reports/README.md").read_text()
     assert "![masks](figures/masks.png)" in readme and "`runs/sacred/pretrain/7`" in readme
     assert "| shard | not recorded |" in readme
+
+
+def test_metrics_carry_pretrain_throughput_from_the_timing_file(tmp_path: Path) -> None:
+    from pipeline.report import collect_metrics
+
+    eval_dir, pretrain_dir, _ = write_inputs(tmp_path)
+    timing = {"stage": "pretrain", "wall_seconds": 487.5, "images_per_second": 32.5}
+    metrics = collect_metrics(eval_dir, pretrain_dir, timing=timing)
+    assert metrics["pretrain"]["images_per_second"] == 32.5
+    assert metrics["pretrain"]["wall_seconds"] == 487.5
+    assert "images_per_second" not in collect_metrics(eval_dir, pretrain_dir)["pretrain"]
