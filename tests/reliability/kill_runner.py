@@ -135,7 +135,9 @@ def collective() -> None:
         all_reduce_sum(torch.ones(4), context)
     except RuntimeError as error:
         print(f"rank {context.rank}: second all-reduce failed: {' '.join(str(error).split())}", flush=True)
-        sys.exit(3)
+        # os._exit, not sys.exit: after a timed-out recv, gloo's threads may call std::terminate
+        # while the interpreter tears the process group down (SIGABRT), hiding the status we test
+        os._exit(3)
     print(f"rank {context.rank}: second all-reduce returned", flush=True)
     shutdown(context)
 
