@@ -15,10 +15,11 @@ from typing import Any
 import torch
 
 from pipeline.checkpoint import atomic_write_bytes
-from pipeline.config import Params, load_params
+from pipeline.config import Params
 from pipeline.distributed import init_distributed, launched_as_main_rank, resolve_device, shutdown
 from pipeline.features import extract_features, load_backbone_state
-from pipeline.tracking import RunRecord, record_run
+from pipeline.tracking import RunRecord
+from stages import run_stage
 
 SHARDS = Path("data/shards")
 BACKBONE = Path("models/pretrain/backbone.safetensors")
@@ -52,5 +53,4 @@ def main(params: Params, record: RunRecord | None = None, progress_bar: bool = T
 
 
 if __name__ == "__main__":
-    params = load_params("params.yaml")
-    record_run("extract", params, lambda record: main(params, record), enabled=launched_as_main_rank())
+    run_stage("extract", main, enabled=launched_as_main_rank())

@@ -9,9 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import Params, load_params
+from pipeline.config import Params
 from pipeline.evaluation import fewshot_knn, load_variant, write_json
-from pipeline.tracking import RunRecord, record_run
+from pipeline.tracking import RunRecord
+from stages import run_stage
 from stages.knn import FEATURES, required_variants
 
 OUTPUT = Path("reports/eval/fewshot.json")
@@ -49,5 +50,4 @@ def format_table(results: dict[str, dict[str, Any]], draws: int) -> str:
 
 
 if __name__ == "__main__":
-    params = load_params("params.yaml")
-    record_run("fewshot", params, lambda record: main(params, record))
+    run_stage("fewshot", main)

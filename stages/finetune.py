@@ -16,10 +16,11 @@ from typing import Any
 
 import torch
 
-from pipeline.config import Params, load_params
+from pipeline.config import Params
 from pipeline.distributed import init_distributed, launched_as_main_rank, resolve_device, shutdown
 from pipeline.finetune import FINETUNE_VARIANTS, backbone_for_variant, run_finetune, write_finetune_reports
-from pipeline.tracking import RunRecord, record_run
+from pipeline.tracking import RunRecord
+from stages import run_stage
 
 SHARDS = Path("data/shards")
 FINETUNE_SHARDS = Path("data/finetune_shards")
@@ -55,5 +56,4 @@ def main(params: Params, record: RunRecord | None = None, progress_bar: bool = T
 
 
 if __name__ == "__main__":
-    params = load_params("params.yaml")
-    record_run("finetune", params, lambda record: main(params, record), enabled=launched_as_main_rank())
+    run_stage("finetune", main, enabled=launched_as_main_rank())

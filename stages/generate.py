@@ -13,9 +13,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import SYNTHETIC_ROOT, Params, ParamsError, load_params
+from pipeline.config import SYNTHETIC_ROOT, Params, ParamsError
 from pipeline.synthetic import generate_dataset, replace_dir
-from pipeline.tracking import record_run
+from stages import run_stage
 
 NOT_USED_TEXT = (
     "data.source is 'imagefolder': the pipeline reads its images from data.root ({root}).\n"
@@ -60,5 +60,4 @@ def _write_not_used(root: Path, data_root: str) -> None:
 
 
 if __name__ == "__main__":
-    params = load_params("params.yaml")
-    record_run("generate", params, lambda record: main(params))
+    run_stage("generate", lambda params, record: main(params))

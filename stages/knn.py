@@ -10,9 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import Params, load_params
+from pipeline.config import Params
 from pipeline.evaluation import available_variants, load_variant, weighted_knn, write_json
-from pipeline.tracking import RunRecord, record_run
+from pipeline.tracking import RunRecord
+from stages import run_stage
 
 FEATURES = Path("data/features")
 OUTPUT = Path("reports/eval/knn.json")
@@ -62,5 +63,4 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
 
 
 if __name__ == "__main__":
-    params = load_params("params.yaml")
-    record_run("knn", params, lambda record: main(params, record))
+    run_stage("knn", main)

@@ -10,9 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import Params, load_params
+from pipeline.config import Params
 from pipeline.evaluation import linear_probe, load_variant, write_json
-from pipeline.tracking import RunRecord, record_run
+from pipeline.tracking import RunRecord
+from stages import run_stage
 from stages.knn import FEATURES, required_variants
 
 OUTPUT = Path("reports/eval/linear.json")
@@ -37,5 +38,4 @@ def main(params: Params, record: RunRecord | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    params = load_params("params.yaml")
-    record_run("linear", params, lambda record: main(params, record))
+    run_stage("linear", main)

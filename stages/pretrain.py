@@ -9,10 +9,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import Params, load_params
+from pipeline.config import Params
 from pipeline.distributed import init_distributed, launched_as_main_rank, resolve_device, shutdown
-from pipeline.tracking import RunRecord, record_run
+from pipeline.tracking import RunRecord
 from pipeline.training import PretrainPaths, configure_determinism, pretrain, write_training_records
+from stages import run_stage
 
 SHARDS = Path("data/shards")
 MODELS = Path("models/pretrain")
@@ -46,5 +47,4 @@ def main(params: Params, record: RunRecord | None = None, progress_bar: bool = T
 
 
 if __name__ == "__main__":
-    params = load_params("params.yaml")
-    record_run("pretrain", params, lambda record: main(params, record), enabled=launched_as_main_rank())
+    run_stage("pretrain", main, enabled=launched_as_main_rank())

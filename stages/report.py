@@ -17,7 +17,7 @@ import yaml
 
 from pipeline.augment import eval_transform
 from pipeline.checkpoint import atomic_write_bytes
-from pipeline.config import Params, load_params
+from pipeline.config import Params
 from pipeline.features import load_backbone
 from pipeline.figures import (
     mask_examples, pick_examples, plot_finetune_curve, plot_losses, plot_mask_figure, plot_masked_share,
@@ -28,7 +28,8 @@ from pipeline.report import (
     write_report_json,
 )
 from pipeline.shards import open_split
-from pipeline.tracking import RunRecord, record_run
+from pipeline.tracking import RunRecord
+from stages import run_stage
 
 REPORTS = Path("reports")
 EVAL = REPORTS / "eval"
@@ -92,5 +93,4 @@ def main(params: Params, record: RunRecord | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    params = load_params("params.yaml")
-    record_run("report", params, lambda record: main(params, record))
+    run_stage("report", main)

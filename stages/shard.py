@@ -8,9 +8,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import Params, load_params
+from pipeline.config import Params
 from pipeline.data import build_shards
-from pipeline.tracking import RunRecord, record_run
+from pipeline.tracking import RunRecord
+from stages import run_stage
 
 SHARDS = Path("data/shards")
 
@@ -30,5 +31,4 @@ def main(params: Params, record: RunRecord | None = None, progress_bar: bool = T
 
 
 if __name__ == "__main__":
-    params = load_params("params.yaml")
-    record_run("shard", params, lambda record: main(params, record))
+    run_stage("shard", main)
