@@ -290,12 +290,17 @@ def timing_section(results: dict[str, Any]) -> list[str]:
         record = timing[stage]
         total += record["wall_seconds"]
         device = (record.get("machine") or {}).get("device", "?")
-        lines.append(f"| {stage} | {record['wall_seconds']:.1f} s | {device} | {record.get('sacred_run', '-')} |")
-    missing = [s for s in STAGES if s not in timing]
+        run = record.get("sacred_run")
+        run = run.get("dir", "-") if isinstance(run, dict) else (run if run is not None else "-")
+        lines.append(f"| {stage} | {record['wall_seconds']:.1f} s | {device} | {run} |")
+    # `metrics` only merges JSON files and keeps no run record (README "Run records")
+    missing = [s for s in STAGES if s not in timing and s != "metrics"]
     lines.append(f"| **total** | **{total / 60:.1f} min** | | |")
     machine = next(iter(timing.values())).get("machine") or {}
     lines.append("")
-    lines.append(f"On {machine.get('cpu_model', '?')}, {machine.get('cpus', '?')} CPUs."
+    lines.append(f"On {machine.get('cpu', '?')}, {machine.get('cpus', '?')} CPUs, {machine.get('threads', '?')} torch threads."
+                 " The total is the stages' own wall time; `make repro` adds DVC's checks and"
+                 " one interpreter start per stage."
                  + (f" Not measured yet: {', '.join(missing)}." if missing else ""))
     return lines + [""]
 

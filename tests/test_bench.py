@@ -186,3 +186,15 @@ def test_interleaved_timing_collects_every_round_and_the_peak_probe():
     assert len(calls) == 3 * 5 * 2  # strategies x (warm-up + timed rounds) x steps per sample
     assert calls[:6:2] == ["random", "attmask_high", "block"] and calls[6:12:2] == ["attmask_high", "block", "random"]
     assert ratios_to(measured["times"], "random")["random"]["median"] == 1.0
+
+
+def test_timing_section_lists_stages_with_run_dirs_and_the_total():
+    machine = {"cpu": "AMD EPYC", "cpus": 2, "threads": 2, "device": "cpu"}
+    timing = {stage: {"wall_seconds": seconds, "machine": machine,
+                      "sacred_run": {"stage": stage, "id": "3", "dir": f"runs/sacred/{stage}/3"}}
+              for stage, seconds in [("pretrain", 300.0), ("finetune", 60.0)]}
+    text = "\n".join(report.timing_section({"timing": timing}))
+    assert "| pretrain | 300.0 s | cpu | runs/sacred/pretrain/3 |" in text
+    assert "| **total** | **6.0 min** | | |" in text
+    assert "On AMD EPYC, 2 CPUs, 2 torch threads." in text
+    assert "Not measured yet: generate, shard, extract, knn, fewshot, linear, report." in text
