@@ -567,7 +567,7 @@ def remove_stale_temporaries(target: Path, pattern: str) -> None:
 def replace_dir(new: Path, target: Path) -> None:
     """Swap ``new`` into ``target`` by rename; the old folder is removed only after the swap."""
     os.chmod(new, 0o755)  # mkdtemp makes it 0700
-    if not target.exists():
+    if not target.exists() and not target.is_symlink():
         new.rename(target)
         return
     old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
@@ -578,4 +578,7 @@ def replace_dir(new: Path, target: Path) -> None:
     except BaseException:
         old.rename(target)
         raise
-    shutil.rmtree(old, ignore_errors=True)
+    if old.is_symlink():
+        old.unlink()  # the link is replaced, never what it pointed to
+    else:
+        shutil.rmtree(old, ignore_errors=True)

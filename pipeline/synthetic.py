@@ -461,6 +461,9 @@ def generate_dataset(root: Path, config: SyntheticConfig, seed: int, progress: b
     """
     from tqdm import tqdm
 
+    # lazily: pipeline.data imports torch, which the render workers (spawned) need not load
+    from pipeline.data import replace_dir
+
     root = Path(root)
     names = class_names(config.num_classes)
     sizes = split_sizes(config)
@@ -519,17 +522,3 @@ def _mapper(workers: int) -> Iterator[Callable]:
     # spawn, not fork: the caller may hold torch threads, which fork can deadlock.
     with multiprocessing.get_context("spawn").Pool(workers) as pool:
         yield partial(pool.imap, chunksize=32)
-
-
-def replace_dir(new: Path, root: Path) -> None:
-    """Move the finished folder ``new`` to ``root``, replacing what was there (same filesystem)."""
-    # Two renames: the old tree moves aside first, so no moment exists where
-    # `root` holds a mixture of old and new files.
-    old = root.parent / f".{root.name}.old-{os.getpid()}"
-    if root.exists() or root.is_symlink():
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(root, old)
-    os.replace(new, root)
-    if old.exists():
-        shutil.rmtree(old)

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import SYNTHETIC_ROOT, Params, ParamsError
-from pipeline.synthetic import generate_dataset, replace_dir
+from pipeline.data import replace_dir
+from pipeline.synthetic import generate_dataset
 from stages import run_stage
 
 NOT_USED_TEXT = (
