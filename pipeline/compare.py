@@ -131,6 +131,7 @@ class Found:
     timestamp: str
     metrics: dict[str, Any]
     num_classes: int | None
+    baseline: str = ""  # the commit the experiment ran on ("workspace" when not committed)
 
 
 def experiments_in(show: list[dict[str, Any]]) -> Iterable[dict[str, Any]]:
@@ -141,7 +142,8 @@ def experiments_in(show: list[dict[str, Any]]) -> Iterable[dict[str, Any]]:
                 data = rev.get("data")
                 if rev.get("error") or not data:
                     continue
-                yield {"name": rev.get("name") or experiment.get("name"), "rev": rev.get("rev"), **data}
+                yield {"name": rev.get("name") or experiment.get("name"), "rev": rev.get("rev"),
+                       "baseline": baseline.get("rev") or "", **data}
 
 
 def params_key(params: dict[str, Any]) -> str:
@@ -172,7 +174,7 @@ def match(show: list[dict[str, Any]], experiments: Sequence[Experiment]) -> dict
             continue
         extract = ((data.get("metrics") or {}).get(EXTRACT_FILE) or {}).get("data") or {}
         found[planned] = Found(str(data.get("name")), str(data.get("rev")), str(data.get("timestamp") or ""),
-                               metrics, extract.get("num_classes"))
+                               metrics, extract.get("num_classes"), str(data.get("baseline") or ""))
     return found
 
 
@@ -270,6 +272,12 @@ def _cell(stat: Stat | None) -> str:
     return "n/a" if stat is None else stat.text()
 
 
+def code_commits(found: dict[Experiment, Found]) -> str:
+    """The baseline commits of the found experiments, for the report (``"none found"`` if none)."""
+    commits = sorted({f.baseline for f in found.values() if f.baseline})
+    return ", ".join(f"`{c}`" for c in commits) if commits else "(none found)"
+
+
 def render_markdown(config: CompareConfig, summary: dict[str, Any], experiments: Sequence[Experiment],
                     found: dict[Experiment, Found]) -> str:
     """``reports/comparison.md``: the strategy table, the spread statement and the data-share table."""
@@ -285,6 +293,8 @@ def render_markdown(config: CompareConfig, summary: dict[str, Any], experiments:
         + (f"one of the seeds {seeds}; cells are the mean ± sample standard deviation over the {n} seeds "
            "(`seed` also redraws the embedded dataset and the train subset)." if n > 1
            else f"seed {seeds}; cells are single runs.") + chance,
+        "",
+        f"Code: the experiments ran on commit {code_commits(found)}.",
         "",
         "## Strategies (the paper's Table 1)",
         "",

@@ -4,9 +4,12 @@
     python -m stages.compare --dry-run     # print the dvc commands, run nothing
     python -m stages.compare --render      # only render, from `dvc exp show --json`
     python -m stages.compare --render --show-json exps.json   # ... or from a saved document
+    python -m stages.compare --render --rev <commit>          # ... experiments of another baseline commit
 
 Not a DVC stage (it drives `dvc exp`). Reads the `compare` section of params.yaml;
-experiments that already finished with the same params are not rerun. Writes
+experiments that already finished with the same params on the same commit are
+not rerun. The queue runs on the commit checked out at the start; results are
+read back from that commit even if you commit something while it runs. Writes
 reports/comparison.md, comparison.png and comparison.json.
 """
 from __future__ import annotations
@@ -32,13 +35,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--render", action="store_true", help="only render from the finished experiments")
     parser.add_argument("--show-json", type=Path, help="a saved `dvc exp show --json` document (with --render)")
+    parser.add_argument("--rev", help="baseline commit whose experiments to read (default: HEAD at the start)")
     parser.add_argument("--dry-run", action="store_true", help="print what would be queued")
     parser.add_argument("--jobs", type=int, default=1, help="experiments at a time (1 on a 2-core machine)")
     args = parser.parse_args(argv)
 
     params = load_params(PARAMS)  # a bad compare section fails here, before anything is queued
     experiments = plan(yaml.safe_load(PARAMS.read_text()), params.compare)
-    show = json.loads(args.show_json.read_text()) if args.show_json else exp_show()
+    baseline = args.rev or git_head()
+    show = json.loads(args.show_json.read_text()) if args.show_json else exp_show(baseline)
     todo = [e for e in experiments if e not in match(show, experiments)]
     print(f"compare: {len(experiments)} experiments planned, {len(experiments) - len(todo)} already finished")
 
@@ -59,7 +64,12 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
         minutes = (time.perf_counter() - started) / 60
         print(f"compare: ran {len(todo)} experiments in {minutes:.1f} min")
-        show = exp_show()
+        head = git_head()
+        if head != baseline:
+            print(f"compare: HEAD moved from {baseline[:7]} to {head[:7]} during the run; reading the experiments "
+                  f"of {baseline[:7]}, which they ran on (a later `make compare` reruns them on {head[:7]})",
+                  file=sys.stderr)
+        show = exp_show(baseline)
 
     summary = render(params.compare, experiments, show, REPORTS)
     missing = summary["missing"]
@@ -68,8 +78,15 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if missing and not args.dry_run else 0
 
 
-def exp_show() -> list[dict]:
-    return json.loads(dvc("exp", "show", "--json", capture=True) or "[]")
+def exp_show(rev: str | None = None) -> list[dict]:
+    """``dvc exp show --json`` for the experiments whose baseline is ``rev`` (default HEAD)."""
+    return json.loads(dvc("exp", "show", "--json", *(["--rev", rev] if rev else []), capture=True) or "[]")
+
+
+def git_head() -> str | None:
+    """The checked-out commit, or None outside a git repository / before the first commit."""
+    done = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True)
+    return done.stdout.strip() if done.returncode == 0 else None
 
 
 if __name__ == "__main__":

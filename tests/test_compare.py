@@ -130,6 +130,7 @@ def test_comparison_table_spread_statement_and_data_share(two_seeds, tmp_path):
     summary = render(cfg, experiments, exp_show(experiments), tmp_path)
     text = (tmp_path / "comparison.md").read_text()
     assert summary["missing"] == []
+    assert f"Code: the experiments ran on commit `{'f' * 40}`." in text
 
     table = text.split("### Which differences exceed the seed spread")[0]
     rows = {line.split(" | ")[0]: line for line in table.splitlines() if line.startswith("| ")}
@@ -219,6 +220,28 @@ def test_command_renders_from_a_saved_document(two_seeds, tmp_path, monkeypatch)
     assert "AttMask-High" in Path("reports/comparison.md").read_text()
     Path("exps.json").write_text(json.dumps(exp_show(experiments[1:])))
     assert compare_stage.main(["--render", "--show-json", "exps.json"]) == 1  # one missing
+
+
+def test_results_are_read_from_the_commit_the_queue_ran_on(two_seeds, tmp_path, monkeypatch, capsys):
+    """Committing while `make compare` runs must not hide its experiments (exp show defaults to HEAD)."""
+    cfg, experiments = two_seeds
+    raw = copy.deepcopy(RAW)
+    raw["compare"].update(seeds=[0, 1], data_shares=[25, 100])
+    monkeypatch.chdir(tmp_path)
+    Path("params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    heads = iter(["a" * 40, "b" * 40])
+    asked = []
+    monkeypatch.setattr(compare_stage, "git_head", lambda: next(heads))
+    monkeypatch.setattr(compare_stage, "dvc", lambda *args, **kwargs: "")
+
+    def exp_show_of(rev):
+        asked.append(rev)
+        return exp_show(experiments) if len(asked) > 1 else exp_show([])
+
+    monkeypatch.setattr(compare_stage, "exp_show", exp_show_of)
+    assert compare_stage.main([]) == 0
+    assert asked == ["a" * 40, "a" * 40]
+    assert "HEAD moved from aaaaaaa to bbbbbbb during the run" in capsys.readouterr().err
 
 
 @pytest.mark.slow
