@@ -198,3 +198,20 @@ def test_timing_section_lists_stages_with_run_dirs_and_the_total():
     assert "| **total** | **6.0 min** | | |" in text
     assert "On AMD EPYC, 2 CPUs, 2 torch threads." in text
     assert "Not measured yet: generate, shard, extract, knn, fewshot, linear, report." in text
+
+
+@pytest.mark.slow
+def test_gpu_harness_dry_run_writes_what_the_report_renders(tmp_path):
+    """`bench.gpu --dry-run` (CPU, tiny sizes) runs the GPU parts end to end; bench.md renders their files (~40 s)."""
+    from bench import gpu
+
+    status = gpu.main(["--dry-run", "--out", str(tmp_path), "correctness", "step", "batch", "compile"])
+    assert sorted(status) == ["batch", "compile", "correctness", "step"], status
+    assert all(value.startswith("ok (") for value in status.values()), status
+    results = report.load_results(tmp_path, tmp_path / "no-timing")
+    correctness = results["gpu_correctness"]
+    assert correctness["passed"] and set(correctness["strategies"]) == {"random", "attmask_high"}
+    assert results["gpu_batch"]["largest"] >= 8
+    text = report.render(results)
+    assert "*Dry run of the GPU harness on CPU, not GPU figures:* **bf16 vs float32 loss**" in text
+    assert "**Largest batch** (attmask_high)" in text and "**torch.compile** (attmask_high" in text
