@@ -384,6 +384,7 @@ def write_shards(
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
     started = time.perf_counter()
     out_dir = Path(out_dir)
+    restore_moved_aside(out_dir)  # a killed earlier run may have left the previous shards aside
     _check_replaceable(out_dir)
     scan = scan_folder(root)
     files = scan.all_files()
@@ -550,6 +551,24 @@ def _check_replaceable(out_dir: Path) -> None:
                 "stage did not write"
             )
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+
+
+def restore_moved_aside(target: Path) -> Path | None:
+    """Undo a :func:`replace_dir` killed between its two renames; returns ``target`` if it was put back.
+
+    Such a run leaves ``target`` missing and its previous content under
+    ``.<name>.old-*``: the newest one is renamed back. With ``target`` present,
+    ``.old-*`` folders are leftovers of a run killed after the swap and are deleted.
+    """
+    olds = sorted((p for p in target.parent.glob(f".{glob.escape(target.name)}.old-*")
+                   if p.is_dir() and not p.is_symlink()), key=lambda p: p.stat().st_mtime)
+    restored = None
+    if olds and not target.exists() and not target.is_symlink():
+        olds.pop().rename(target)
+        restored = target
+    for stale in olds:
+        shutil.rmtree(stale, ignore_errors=True)
+    return restored
 
 
 def remove_stale_temporaries(target: Path, pattern: str) -> None:

@@ -50,7 +50,7 @@ from tqdm import tqdm
 from pipeline.augment import eval_transform
 from pipeline.checkpoint import CheckpointError, atomic_file, write_error
 from pipeline.config import ModelConfig, Params
-from pipeline.data import remove_stale_temporaries, replace_dir
+from pipeline.data import remove_stale_temporaries, replace_dir, restore_moved_aside
 from pipeline.distributed import DistContext, barrier
 from pipeline.seeding import derive_seed
 from pipeline.shards import ShardDataset, ShardSplit, open_split
@@ -332,6 +332,8 @@ def extract_features(
     # swapped in together at the end: a killed run never leaves a new train.npz next to an old val.npz.
     staged: dict[str, Path] = {}
     if context.is_main:
+        for variant in variants:
+            restore_moved_aside(out_dir / variant)
         remove_stale_temporaries(out_dir, ".*.tmp-*")
     try:
         for split_name in SPLITS:

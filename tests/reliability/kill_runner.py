@@ -3,6 +3,7 @@
     python -m tests.reliability.kill_runner pretrain step E S       # at the start of step S of epoch E
     python -m tests.reliability.kill_runner pretrain checkpoint_write N   # half-way through the N-th checkpoint write
     python -m tests.reliability.kill_runner shard sample N          # while writing sample N of the shards
+    python -m tests.reliability.kill_runner shard swap              # between replace_dir's two renames
     python -m tests.reliability.kill_runner extract array N         # at the N-th array written to a .npz
     python -m tests.reliability.kill_runner collective              # DDP: all-reduce twice (rank KILL_RANK stops)
 
@@ -106,6 +107,19 @@ def kill_at_shard_sample(n: int) -> None:
     webdataset.TarWriter.write = write  # type: ignore[method-assign]
 
 
+def kill_in_swap() -> None:
+    """Die right after replace_dir moved the previous output aside, before the new one is renamed in."""
+    original = Path.rename
+
+    def rename(self: Path, target: Any) -> Any:
+        result = original(self, target)
+        if ".old-" in Path(target).name:
+            die()
+        return result
+
+    Path.rename = rename  # type: ignore[method-assign]
+
+
 def kill_at_npz_array(n: int) -> None:
     import numpy as np
 
@@ -153,6 +167,8 @@ def main(argv: list[str]) -> None:
         kill_in_checkpoint_write(int(args[0]))
     elif point == "sample":
         kill_at_shard_sample(int(args[0]))
+    elif point == "swap":
+        kill_in_swap()
     elif point == "array":
         kill_at_npz_array(int(args[0]))
     elif point != "never":

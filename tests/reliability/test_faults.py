@@ -18,6 +18,7 @@ import yaml
 
 from pipeline.checkpoint import CheckpointError, load_checkpoint
 from pipeline.config import params_from_dict
+from pipeline.data import restore_moved_aside
 from pipeline.features import load_backbone_state, random_backbone_state
 from pipeline.loss import IBOTLoss
 from pipeline.model import save_backbone_safetensors
@@ -132,6 +133,28 @@ def test_sigkill_shard_keeps_the_previous_output_and_rerun_is_identical(tiny_fol
     run_stage_in_process(work, "shard")
     integrity.assert_intact("rerun data/shards equals an uninterrupted run", work / "data" / "shards",
                             snapshot(reference / "data" / "shards"))
+    assert not list((work / "data").glob(".shards.*")), "the rerun removes what the killed run left"
+
+
+@pytest.mark.slow
+@pytest.mark.fault_case("faults", "SIGKILL shard between the two renames of the folder swap: previous shards put back, rerun byte-identical")
+def test_sigkill_between_the_swap_renames_puts_the_previous_shards_back(tiny_folder, tmp_path, integrity):
+    reference = shard_workdir(tmp_path / "reference", tiny_folder)
+    run_stage_in_process(reference, "shard")
+    work = shard_workdir(tmp_path / "work", tiny_folder, shard_size=7)
+    run_stage_in_process(work, "shard")
+    shards = work / "data" / "shards"
+    previous = snapshot(shards)
+    (work / "params.yaml").write_text((reference / "params.yaml").read_text())
+
+    run_killed(work, "shard", "swap")
+    assert not shards.exists() and len(list((work / "data").glob(".shards.old-*"))) == 1
+
+    assert restore_moved_aside(shards) == shards
+    integrity.assert_intact("previous data/shards put back", shards, previous)
+    assert not list((work / "data").glob(".shards.old-*"))
+    run_stage_in_process(work, "shard")
+    integrity.assert_intact("rerun data/shards equals an uninterrupted run", shards, snapshot(reference / "data" / "shards"))
     assert not list((work / "data").glob(".shards.*")), "the rerun removes what the killed run left"
 
 
