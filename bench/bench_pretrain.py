@@ -44,7 +44,8 @@ from bench.stats import summarize
 from pipeline.config import MASKING_STRATEGIES, load_params, params_from_dict, params_to_dict
 from pipeline.data import build_shards
 from pipeline.distributed import DistContext
-from pipeline.training import Pretrainer, PretrainPaths, configure_determinism
+from pipeline.seeding import configure_determinism
+from pipeline.training import Pretrainer, PretrainPaths
 
 REPORT = Path("reports/bench/pretrain_step.json")
 VIT_S16 = {"arch": "vit_small_patch16_224", "patch_size": 16, "img_size": 224, "depth": 12, "embed_dim": 384,

@@ -51,7 +51,8 @@ from bench.memory import PeakMemory, tensor_mib
 from bench.stats import summarize
 from pipeline.config import params_from_dict
 from pipeline.distributed import DistContext
-from pipeline.training import Pretrainer, PretrainPaths, configure_determinism
+from pipeline.seeding import configure_determinism
+from pipeline.training import Pretrainer, PretrainPaths
 
 PARTS = ("correctness", "step", "batch", "data", "knn", "compile")
 OUTPUTS = {"correctness": "gpu_correctness.json", "step": "gpu_step.json", "batch": "gpu_batch.json",

@@ -7,6 +7,8 @@ half-written file where a good one was. Loading always uses
 """
 from __future__ import annotations
 
+from pipeline.errors import UserError
+
 import io
 import os
 import sys
@@ -18,7 +20,7 @@ from typing import Any, BinaryIO, Iterator
 import torch
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint file is missing, truncated or not ours."""
 
 

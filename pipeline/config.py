@@ -7,6 +7,8 @@ the YAML file, so it is usable from a notebook too.
 """
 from __future__ import annotations
 
+from pipeline.errors import UserError
+
 import dataclasses
 import difflib
 import math
@@ -23,7 +25,7 @@ SYNTHETIC_ROOT = "data/synthetic"
 MASKING_STRATEGIES = ("block", "random", "attmask_high", "attmask_hint", "attmask_low")
 
 
-class ParamsError(ValueError):
+class ParamsError(UserError, ValueError):
     """Invalid parameter; the message starts with the dotted key."""
 
     def __init__(self, key: str, message: str):
@@ -187,6 +189,10 @@ class PretrainConfig:
     center_momentum: float = 0.9
     lambda1: float = 1.0
     lambda2: float = 1.0
+    centering: Literal["ema", "sinkhorn"] = "ema"  # teacher centring: the paper's EMA centre, or Sinkhorn-Knopp
+    koleo_weight: float = 0.0  # DINOv2's KoLeo spreading term on the student's [CLS] features (0: off)
+    eval_every: int = 0  # teacher k-NN on val every N epochs while training (0: off); never changes the weights
+    eval_k: int = 20
     device: Literal["auto", "cpu", "cuda"] = "auto"
     num_workers: int = 1
     checkpoint_every: int = 5
@@ -213,6 +219,9 @@ class PretrainConfig:
         _check_range(f"{prefix}.center_momentum", self.center_momentum, 0.0, 1.0)
         _check_range(f"{prefix}.lambda1", self.lambda1, 0.0, None)
         _check_range(f"{prefix}.lambda2", self.lambda2, 0.0, None)
+        _check_range(f"{prefix}.koleo_weight", self.koleo_weight, 0.0, None)
+        _check_range(f"{prefix}.eval_every", self.eval_every, 0, None)
+        _check_range(f"{prefix}.eval_k", self.eval_k, 1, None)
         _check_range(f"{prefix}.num_workers", self.num_workers, 0, None)
         _check_range(f"{prefix}.checkpoint_every", self.checkpoint_every, 1, None)
         _check_range(f"{prefix}.checkpoint_every_steps", self.checkpoint_every_steps, 0, None)

@@ -28,6 +28,8 @@ Choices made here (also in the manifest's ``policy``):
 """
 from __future__ import annotations
 
+from pipeline.errors import UserError
+
 import glob
 import hashlib
 import io
@@ -70,7 +72,7 @@ _INLINE_CHECK_BELOW = 64  # a process pool costs more than it saves on tiny fold
 T = TypeVar("T")
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """The image folder is unusable; the message names the path and what was expected."""
 
 

@@ -17,6 +17,8 @@ string keys; accuracies are percentages.
 """
 from __future__ import annotations
 
+from pipeline.errors import UserError
+
 import json
 import math
 import os
@@ -39,7 +41,7 @@ _EPS = 1e-12  # as F.normalize: an all-zero feature row gets similarity 0, not N
 ArrayLike = np.ndarray | torch.Tensor
 
 
-class FeatureFileError(ValueError):
+class FeatureFileError(UserError, ValueError):
     """A features file that exists but does not hold what the extract stage promises."""
 
 

@@ -35,6 +35,8 @@ the data order, the augmentations and the drop-path draws are identical.
 """
 from __future__ import annotations
 
+from pipeline.errors import UserError
+
 import csv
 import io
 import json
@@ -92,7 +94,7 @@ COLOR_JITTER = (0.2, 0.2, 0.2, 0.0)  # brightness, contrast, saturation, hue: "l
 HEAD_INIT_STD = 0.02
 
 
-class BackboneLoadError(RuntimeError):
+class BackboneLoadError(UserError, RuntimeError):
     """The backbone weights do not fit the fine-tuning model; the message lists the keys."""
 
 
@@ -425,7 +427,7 @@ def run_finetune(
         ``{"metrics": {variant: metrics}, "wall_seconds": {variant: s}, ...}``
         (metrics deterministic, the rest not).
     """
-    from pipeline.training import configure_determinism  # the one definition of "deterministic"
+    from pipeline.seeding import configure_determinism
 
     configure_determinism()
     context = context or DistContext()

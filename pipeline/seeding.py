@@ -1,7 +1,8 @@
-"""Deterministic seeds derived from (seed, epoch, step, ...): no global or wall-clock state."""
+"""Determinism: seeds derived from (seed, epoch, step, ...), never global or wall-clock state, and deterministic kernels."""
 from __future__ import annotations
 
 import hashlib
+import os
 
 import torch
 
@@ -21,3 +22,10 @@ def make_generator(*parts: int | str, device: str | torch.device = "cpu") -> tor
     generator = torch.Generator(device=device)
     generator.manual_seed(derive_seed(*parts))
     return generator
+
+
+def configure_determinism() -> None:
+    """Deterministic kernels everywhere (call before any CUDA work)."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False

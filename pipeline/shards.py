@@ -23,6 +23,8 @@ Plain webdataset readers work on the same files, e.g.
 """
 from __future__ import annotations
 
+from pipeline.errors import UserError
+
 import dataclasses
 import hashlib
 import io
@@ -53,7 +55,7 @@ _SAFE_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 _SAFE_SHARD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*\.tar")
 
 
-class ShardIntegrityError(RuntimeError):
+class ShardIntegrityError(UserError, RuntimeError):
     """A shard is missing, tampered with or malformed; the message names it."""
 
 

@@ -15,19 +15,14 @@ EXIT_USER_ERROR = 2
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
-    """Exception types whose message is the whole story (they name the key or file)."""
-    from pipeline.checkpoint import CheckpointError
-    from pipeline.config import ParamsError
-    from pipeline.data import DatasetError
-    from pipeline.evaluation import FeatureFileError
-    from pipeline.finetune import BackboneLoadError
-    from pipeline.shards import ShardIntegrityError
-    from pipeline.training import NonFiniteLossError
+    """Exception types whose message is the whole story (they name the key or file).
 
-    # OSError covers a missing input (FileNotFoundError, the features' BackboneNotFoundError),
-    # permissions and a full disk; the pipeline's own messages name the file.
-    return (ParamsError, DatasetError, ShardIntegrityError, CheckpointError, FeatureFileError,
-            BackboneLoadError, NonFiniteLossError, OSError)
+    ``OSError`` covers a missing input (FileNotFoundError, the features' BackboneNotFoundError),
+    permissions and a full disk; the pipeline's own messages name the file.
+    """
+    from pipeline.errors import UserError
+
+    return (UserError, OSError)
 
 
 def describe_error(stage: str, error: BaseException) -> str:

@@ -18,6 +18,7 @@ from pipeline.checkpoint import atomic_write_bytes
 from pipeline.config import Params
 from pipeline.distributed import init_distributed, launched_as_main_rank, resolve_device, shutdown
 from pipeline.features import extract_features, load_backbone_state
+from pipeline.seeding import configure_determinism
 from pipeline.tracking import RunRecord
 from stages import run_stage
 
@@ -29,8 +30,6 @@ REPORT = Path("reports/eval/extract.json")
 
 def main(params: Params, record: RunRecord | None = None, progress_bar: bool = True) -> dict[str, Any]:
     """Extract every variant; returns the summary written to ``reports/eval/extract.json``."""
-    from pipeline.training import configure_determinism
-
     configure_determinism()
     load_backbone_state(BACKBONE)  # a missing export fails here, before any process group or image
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

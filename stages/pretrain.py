@@ -12,7 +12,8 @@ from typing import Any
 from pipeline.config import Params
 from pipeline.distributed import init_distributed, launched_as_main_rank, resolve_device, shutdown
 from pipeline.tracking import RunRecord
-from pipeline.training import PretrainPaths, configure_determinism, pretrain, write_training_records
+from pipeline.seeding import configure_determinism
+from pipeline.training import PretrainPaths, pretrain, write_training_records
 from stages import run_stage
 
 SHARDS = Path("data/shards")
