@@ -15,6 +15,16 @@ Differences from the official ``iBOTLoss`` (none changes the optimised value):
   test, or twice for debugging) never changes state.
 * One temperature (``teacher_temps[epoch]``) and one centre momentum serve both
   the [CLS] and the patch terms, as in the paper's runs.
+
+Options beside the paper's recipe (README, "Why the embedded default learns"):
+
+* ``centering="sinkhorn"`` replaces the EMA centre by Sinkhorn-Knopp
+  normalisation of the teacher outputs over the batch (SwAV, DINOv2): each
+  prototype receives an equal share of the batch, so the teacher cannot drift to
+  one prototype or to uniform at a small batch. The EMA centres are still
+  updated (they are state), but not used.
+* :func:`koleo_loss` (DINOv2's KoLeo spreading term) is computed by the
+  training loop on the student's [CLS] backbone features.
 """
 from __future__ import annotations
 
@@ -24,6 +34,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+CENTERINGS = ("ema", "sinkhorn")
 
 
 class IBOTLoss(nn.Module):
@@ -47,11 +59,15 @@ class IBOTLoss(nn.Module):
         center_momentum: float = 0.9,
         lambda1: float = 1.0,
         lambda2: float = 1.0,
+        centering: str = "ema",
+        sinkhorn_iterations: int = 3,
     ) -> None:
         """
         Args:
             teacher_temps: teacher temperature per epoch (``TrainingSchedules.teacher_temp``).
             center_momentum: EMA momentum of both centres.
+            centering: ``"ema"`` (the paper's centre) or ``"sinkhorn"`` (Sinkhorn-Knopp over the batch).
+            sinkhorn_iterations: Sinkhorn-Knopp iterations (DINOv2: 3).
         """
         super().__init__()
         if num_global_crops < 1 or num_local_crops < 0:
@@ -69,6 +85,10 @@ class IBOTLoss(nn.Module):
         self.center_momentum = float(center_momentum)
         self.lambda1 = float(lambda1)
         self.lambda2 = float(lambda2)
+        if centering not in CENTERINGS:
+            raise ValueError(f"centering must be one of {CENTERINGS}, got {centering!r}")
+        self.centering = centering
+        self.sinkhorn_iterations = int(sinkhorn_iterations)
         self.register_buffer("center", torch.zeros(1, out_dim))
         self.register_buffer("center_patch", torch.zeros(1, 1, out_dim))
 
@@ -107,8 +127,7 @@ class IBOTLoss(nn.Module):
 
         # float32 throughout: softmax of bf16 logits at temperature 0.04 loses most of its mantissa
         with torch.no_grad():
-            t_cls = F.softmax((teacher_cls.detach().float() - self.center) / temp, dim=-1)
-            t_patch = F.softmax((teacher_patch.detach().float() - self.center_patch) / temp, dim=-1)
+            t_cls, t_patch = self.teacher_targets(teacher_cls, teacher_patch, temp)
         s_cls = F.log_softmax(student_cls.float() / self.student_temp, dim=-1)
         s_patch = F.log_softmax(student_patch.float() / self.student_temp, dim=-1)
 
@@ -130,6 +149,18 @@ class IBOTLoss(nn.Module):
 
         total = self.lambda1 * cls_loss + self.lambda2 * patch_loss
         return {"cls": cls_loss, "patch": patch_loss, "total": total}
+
+    @torch.no_grad()
+    def teacher_targets(self, teacher_cls: Tensor, teacher_patch: Tensor, temp: float) -> tuple[Tensor, Tensor]:
+        """Teacher probabilities: ``(G * B, K)`` for [CLS] and ``(G * B, P, K)`` for patches."""
+        teacher_cls, teacher_patch = teacher_cls.detach().float(), teacher_patch.detach().float()
+        if self.centering == "sinkhorn":
+            t_cls = sinkhorn_knopp(teacher_cls, temp, self.sinkhorn_iterations)
+            t_patch = sinkhorn_knopp(teacher_patch.flatten(0, 1), temp, self.sinkhorn_iterations)
+            return t_cls, t_patch.view_as(teacher_patch)
+        t_cls = F.softmax((teacher_cls - self.center) / temp, dim=-1)
+        t_patch = F.softmax((teacher_patch - self.center_patch) / temp, dim=-1)
+        return t_cls, t_patch
 
     @torch.no_grad()
     def update_center(self, teacher_cls: Tensor, teacher_patch: Tensor) -> None:
@@ -178,3 +209,51 @@ class IBOTLoss(nn.Module):
         m = student_masks.shape
         if len(m) != 3 or m[0] != rows or m[1] * m[2] != patches:
             raise ValueError(f"student_masks has shape {tuple(m)}, expected ({rows}, h, w) with h*w={patches}")
+
+
+@torch.no_grad()
+def sinkhorn_knopp(logits: Tensor, temp: float, iterations: int = 3) -> Tensor:
+    """Balanced soft assignment of ``(N, K)`` teacher logits to ``K`` prototypes (SwAV, DINOv2).
+
+    Alternately normalises prototype columns (each gets mass ``1/K``) and sample
+    rows (each gets mass ``1/N``); the result's rows sum to 1. Under
+    torch.distributed the column sums are all-reduced, so the balance holds over
+    the global batch. Returns ``(N, K)`` float32.
+    """
+    distributed = dist.is_available() and dist.is_initialized()
+    world = dist.get_world_size() if distributed else 1
+    # shift by the global max before exp: identical maths, no overflow at temperature 0.04
+    shift = logits.float().max()
+    if distributed:
+        dist.all_reduce(shift, op=dist.ReduceOp.MAX)
+    q = torch.exp((logits.float() - shift) / temp).t()  # (K, N)
+    rows, columns = q.shape[0], q.shape[1] * world
+    total = q.sum()
+    if distributed:
+        dist.all_reduce(total)
+    q = q / total
+    for _ in range(iterations):
+        per_prototype = q.sum(dim=1, keepdim=True)
+        if distributed:
+            dist.all_reduce(per_prototype)
+        q = q / per_prototype / rows
+        q = q / q.sum(dim=0, keepdim=True) / columns
+    return (q * columns).t()
+
+
+def koleo_loss(features: Tensor, eps: float = 1e-8) -> Tensor:
+    """Kozachenko-Leonenko spreading term (DINOv2): ``-mean log(distance to nearest neighbour)``.
+
+    Args:
+        features: ``(B, D)``; L2-normalised here. Rows are compared within this batch only.
+
+    Returns:
+        a float32 scalar; lower when the rows spread over the sphere.
+    """
+    x = F.normalize(features.float(), dim=-1, eps=eps)
+    with torch.no_grad():
+        similarity = x @ x.t()
+        similarity.fill_diagonal_(-2.0)  # never one's own neighbour
+        nearest = similarity.argmax(dim=1)
+    distance = F.pairwise_distance(x, x[nearest], p=2, eps=eps)
+    return -torch.log(distance + eps).mean()

@@ -301,7 +301,8 @@ class IBOTNetwork(nn.Module):
         Returns:
             ``cls`` ``(n_g * B + n_l * B, out_dim)``, globals first then locals;
             ``patch`` ``(n_g * B, P, out_dim)`` for the global crops;
-            ``cls_attention`` ``(n_g * B, P)`` when asked.
+            ``cls_attention`` ``(n_g * B, P)`` when asked;
+            ``cls_features`` ``(n_g * B, D)``: the globals' backbone [CLS] tokens (after the final norm).
         """
         out = self.backbone(global_crops, masks, return_cls_attention=return_cls_attention)
         tokens, attention = out if return_cls_attention else (out, None)
@@ -310,7 +311,7 @@ class IBOTNetwork(nn.Module):
             local_tokens = self.backbone(local_crops)
             local_cls, _ = self.head(local_tokens[:, 0], with_patches=False)
             cls_out = torch.cat([cls_out, local_cls], dim=0)
-        result = {"cls": cls_out, "patch": patch_out}
+        result = {"cls": cls_out, "patch": patch_out, "cls_features": tokens[:, 0]}
         if attention is not None:
             result["cls_attention"] = attention
         return result

@@ -14,6 +14,8 @@ replays exactly what an uninterrupted one does.
 """
 from __future__ import annotations
 
+from pipeline.errors import UserError
+
 import importlib.util
 import json
 import math
@@ -35,11 +37,11 @@ from pipeline.augment import MultiCropAugmentation
 from pipeline.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from pipeline.config import Params, ParamsError, params_to_dict
 from pipeline.distributed import DistContext, all_reduce_sum, gather_rows
-from pipeline.loss import IBOTLoss
+from pipeline.loss import IBOTLoss, koleo_loss
 from pipeline.masking import generate_masks
 from pipeline.model import IBOTNetwork, backbone_state_dict, build_network, save_backbone_safetensors
 from pipeline.schedules import TrainingSchedules
-from pipeline.seeding import derive_seed, make_generator
+from pipeline.seeding import configure_determinism, derive_seed, make_generator
 from pipeline.shards import ShardDataset, open_split
 from pipeline.tracking import RunRecord
 
@@ -48,7 +50,10 @@ CHECKPOINT_FORMAT = 1
 # a checkpoint ignores them, so a resumed run may change them and still match.
 # compile and fused_adamw pick other kernels for the same maths, like device.
 RUN_CONTROL_KEYS = frozenset({"resume", "device", "num_workers", "checkpoint_every", "checkpoint_every_steps", "log_every",
-                              "compile", "fused_adamw"})
+                              "compile", "fused_adamw", "eval_every", "eval_k"})
+# k-NN while training (pretrain.eval_every): the DINO protocol's temperature, as the knn stage's default
+EVAL_TEMPERATURE = 0.07
+KNN_COLUMNS = ("epoch", "step", "knn_top1")
 # torch.compile backend for pretrain.compile; tests swap in "aot_eager" (inductor takes minutes on CPU)
 COMPILE_BACKEND = "inductor"
 # params sections that shape pre-training; evaluation sections may change freely
@@ -57,7 +62,7 @@ LOGGED_SCALARS = ("loss_total", "loss_cls", "loss_patch", "masked_share")
 STEP_COLUMNS = ("step", "epoch", "loss_total", "loss_cls", "loss_patch", "lr", "weight_decay", "momentum", "teacher_temp", "masked_share")
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError, RuntimeError):
     """The loss became NaN or inf; the last good checkpoint is left untouched."""
 
 
@@ -93,13 +98,6 @@ class Progress:
     epoch: int = 0
     step: int = 0
     history: list[list[float]] = field(default_factory=list)
-
-
-def configure_determinism() -> None:
-    """Deterministic kernels everywhere (set before any CUDA work)."""
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(True)
-    torch.backends.cudnn.benchmark = False
 
 
 def validate_for_world(params: Params, context: DistContext) -> None:
@@ -214,12 +212,14 @@ class Pretrainer:
             center_momentum=self.config.center_momentum,
             lambda1=self.config.lambda1,
             lambda2=self.config.lambda2,
+            centering=self.config.centering,
         ).to(device)
         self.progress = Progress()
         self.autocast = (
             torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
         )
         self._stop_signal: int | None = None
+        self.knn_history: list[list[float]] = []  # [epoch, step, top1] of pretrain.eval_every
 
     # ----------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
@@ -264,6 +264,59 @@ class Pretrainer:
                         )
             elif old != new:
                 raise ParamsError(section, f"the checkpoint was trained with {old!r}, params say {new!r}")
+
+    # ------------------------------------------------------------ evaluation
+    def evaluate_knn(self) -> float | None:
+        """Teacher [CLS] k-NN top-1 (percent) of val against train, centre crops; None off rank 0.
+
+        Draws nothing from the training's randomness: the eval transform is
+        deterministic and torch's generator state is restored afterwards, so the
+        weights and checkpoints are the same with or without it.
+        """
+        from pipeline.evaluation import weighted_knn
+        from pipeline.features import extract_split, vit_features
+
+        vit = self.teacher.backbone.vit
+        sets = {}
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []), torch.no_grad():
+            for name in ("train", "val"):
+                split = self.split if name == "train" else open_split(self.paths.shards, "val")
+                result = extract_split(
+                    split, {"teacher": lambda images: vit_features(vit, images)},
+                    image_size=self.params.augment.global_size, batch_size=256, device=self.device,
+                    context=self.context, progress_bar=False,
+                )
+                sets[name] = None if result is None else result["teacher"]
+        if sets["train"] is None or sets["val"] is None:
+            return None
+        train, val = sets["train"], sets["val"]
+        knn = weighted_knn(train.features, train.labels, val.features, val.labels, [self.config.eval_k],
+                           temperature=EVAL_TEMPERATURE)
+        return float(knn["top1"][str(self.config.eval_k)])
+
+    def _maybe_evaluate(self, epoch_done: int) -> None:
+        every = self.config.eval_every
+        if not every or (epoch_done % every and epoch_done != self.config.epochs):
+            return
+        top1 = self.evaluate_knn()
+        if top1 is None:
+            return
+        step = epoch_done * self.steps_per_epoch
+        self.knn_history = [row for row in self.knn_history if row[0] != epoch_done] + [[epoch_done, step, top1]]
+        _write_csv(self.paths.reports / "knn.csv", KNN_COLUMNS, self.knn_history)
+        self.record.log_scalar(f"knn_top1_k{self.config.eval_k}", top1, step)
+        tqdm.write(f"pretrain: epoch {epoch_done}: teacher k-NN@{self.config.eval_k} on val {top1:.1f}%")
+
+    def _load_knn_history(self) -> None:
+        """Evaluations of the epochs already done (a resumed run keeps its curve)."""
+        path = self.paths.reports / "knn.csv"
+        self.knn_history = []
+        if self.progress.epoch == 0 or not path.is_file():
+            return
+        for line in path.read_text().splitlines()[1:]:
+            epoch, step, top1 = line.split(",")
+            if int(epoch) <= self.progress.epoch:
+                self.knn_history.append([int(epoch), int(step), float(top1)])
 
     def save(self) -> None:
         if self.context.is_main:
@@ -342,6 +395,10 @@ class Pretrainer:
             )
             prediction = self.student(global_crops, masks=masks, local_crops=local_crops)
             losses = self.loss(prediction["cls"], prediction["patch"], target["cls"], target["patch"], masks, epoch)
+            if self.config.koleo_weight > 0:
+                # per global crop, as DINOv2: neighbours are other images of the same view
+                koleo = sum(koleo_loss(f) for f in prediction["cls_features"].chunk(2)) / 2
+                losses["total"] = losses["total"] + self.config.koleo_weight * koleo
 
         self.optimizer.zero_grad(set_to_none=True)
         losses["total"].backward()
@@ -363,6 +420,9 @@ class Pretrainer:
     def fit(self) -> dict[str, Any]:
         """Train to ``pretrain.epochs``, writing checkpoints, exports and records."""
         resumed = self.maybe_resume()
+        self._load_knn_history()
+        if self.config.eval_every and self.context.is_main:
+            self.paths.reports.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
         images_seen = 0
         throughput: list[tuple[int, float]] = []
@@ -405,6 +465,7 @@ class Pretrainer:
                 if done % self.config.checkpoint_every == 0 or done == self.config.epochs:
                     self.save()
                 self._log_epoch(epoch)
+                self._maybe_evaluate(done)
         finally:
             bar.close()
             self._restore_signal_handlers()
@@ -466,6 +527,7 @@ class Pretrainer:
             "device": str(self.device),
             "world_size": self.context.world_size,
             "threads": torch.get_num_threads(),
+            "knn_during_training": [list(row) for row in self.knn_history],
         }
 
     # --------------------------------------------------------------- signals
@@ -508,8 +570,12 @@ def write_training_records(summary: dict[str, Any], history: list[list[float]], 
     epochs = sorted({int(r[1]) for r in history})
     epoch_rows = [[e] + [_epoch_mean(history, e, i) for i in range(2, len(STEP_COLUMNS))] for e in epochs]
     _write_csv(reports / "epochs.csv", ("epoch",) + STEP_COLUMNS[2:], epoch_rows)
+    # always written (header only when pretrain.eval_every is 0), so DVC can declare it
+    knn_rows = summary.get("knn_during_training") or []
+    _write_csv(reports / "knn.csv", KNN_COLUMNS, knn_rows)
     deterministic = {k: summary[k] for k in ("final_loss", "final_loss_cls", "final_loss_patch", "first_epoch_loss",
                                              "masked_share", "steps", "epochs")}
+    deterministic["knn_during_training"] = {str(int(epoch)): top1 for epoch, _step, top1 in knn_rows}
     (reports / "metrics.json").write_text(json.dumps(deterministic, indent=2, sort_keys=True) + "\n")
 
 

@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from pipeline.loss import IBOTLoss
 
@@ -270,3 +271,55 @@ def test_center_is_averaged_over_ranks(tmp_path):
             center, center_patch = results[rank]
             assert center == pytest.approx([0.25, 0.25])  # 0.5 * 0 + 0.5 * 0.5
             assert center_patch == pytest.approx([0.5, 0.5])
+
+
+# ------------------------------------------------------------ Sinkhorn-Knopp and KoLeo
+def test_sinkhorn_balances_prototypes_and_keeps_rows_normalised():
+    from pipeline.loss import sinkhorn_knopp
+
+    logits = torch.tensor([[2.0, 0.0, 0.0, 0.0], [1.9, 0.1, 0.0, 0.0], [1.8, 0.0, 0.2, 0.0], [1.7, 0.0, 0.0, 0.3]])
+    q = sinkhorn_knopp(logits, temp=0.5, iterations=50)
+    assert torch.allclose(q.sum(dim=1), torch.ones(4), atol=1e-5)  # each row is a distribution
+    # every prototype gets the same mass (N / K = 1 here), although all rows prefer prototype 0
+    assert torch.allclose(q.sum(dim=0), torch.ones(4), atol=1e-3)
+    assert torch.argmax(F.softmax(logits / 0.5, dim=-1), dim=1).tolist() == [0, 0, 0, 0]
+    assert sorted(torch.argmax(q, dim=1).tolist()) == [0, 1, 2, 3]
+
+
+def test_sinkhorn_hand_computed_two_by_two():
+    from pipeline.loss import sinkhorn_knopp
+
+    # exp(logits / 1) = [[e, 1], [1, 1]]; one column then row normalisation, by hand:
+    e = math.e
+    q = torch.tensor([[e, 1.0], [1.0, 1.0]]).t() / (e + 3)  # (K, N)
+    q = q / q.sum(dim=1, keepdim=True) / 2
+    q = q / q.sum(dim=0, keepdim=True) / 2
+    expected = (q * 2).t()
+    got = sinkhorn_knopp(torch.tensor([[1.0, 0.0], [0.0, 0.0]]), temp=1.0, iterations=1)
+    assert torch.allclose(got, expected, atol=1e-6)
+
+
+def test_koleo_hand_computed():
+    from pipeline.loss import koleo_loss
+
+    # three unit vectors at 0, 90 and 180 degrees: nearest neighbours at distance sqrt(2) for all three
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
+    assert koleo_loss(x).item() == pytest.approx(-math.log(math.sqrt(2)), abs=1e-6)
+    # moving two points together lowers their nearest-neighbour distance: the loss rises
+    y = torch.tensor([[1.0, 0.0], [0.99, 0.141], [-1.0, 0.0]])
+    assert koleo_loss(y).item() > koleo_loss(x).item()
+
+
+def test_sinkhorn_centering_ignores_the_ema_centre():
+    from pipeline.loss import IBOTLoss
+
+    kwargs = dict(out_dim=8, num_global_crops=2, num_local_crops=0, student_temp=0.1, teacher_temps=[0.04])
+    loss = IBOTLoss(**kwargs, centering="sinkhorn")
+    generator = torch.Generator().manual_seed(0)
+    t_cls, t_patch = torch.randn(6, 8, generator=generator), torch.randn(6, 4, 8, generator=generator)
+    before = loss.teacher_targets(t_cls, t_patch, 0.04)
+    loss.center.fill_(5.0)
+    after = loss.teacher_targets(t_cls, t_patch, 0.04)
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+    with pytest.raises(ValueError, match="centering"):
+        IBOTLoss(**kwargs, centering="median")

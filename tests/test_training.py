@@ -231,3 +231,15 @@ def test_ddp_two_cpu_processes_match_one_process_on_the_first_step(tiny_folder, 
     done = run_stage(ddp, sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
     assert done.returncode == 0, done.stderr[-3000:]
     assert first_step_loss(ddp) == pytest.approx(first_step_loss(single), rel=1e-5)
+
+
+def test_knn_during_training_leaves_the_checkpoint_unchanged(tiny_folder, tiny_shards, tmp_path):
+    _, plain, _ = run(tiny_folder, tiny_shards, tmp_path / "a")
+    _, watched, summary = run(tiny_folder, tiny_shards, tmp_path / "b", pretrain={"eval_every": 1})
+    for name in ("checkpoint", "backbone_pth", "backbone_safetensors"):
+        assert getattr(plain, name).read_bytes() == getattr(watched, name).read_bytes(), name
+    rows = list(csv.DictReader((watched.reports / "knn.csv").open()))
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    assert all(0.0 <= float(r["knn_top1"]) <= 100.0 for r in rows)
+    assert [row[0] for row in summary["knn_during_training"]] == [1, 2]
+    assert not (plain.reports / "knn.csv").exists()
