@@ -38,18 +38,26 @@ from pipeline.seeding import derive_seed
 SPLITS = ("train", "val")
 
 # Object extent (longest side before rotation) as a share of the image side.
-SCALE_RANGE = (0.35, 0.7)
+SCALE_RANGE = (0.45, 0.8)
 # Object centre lies in this share of the image: off-centre, sometimes clipped.
 CENTRE_RANGE = (0.25, 0.75)
+# Every colour (background, object, distractors) is one of these, jittered, for
+# every class alike. Few colours on purpose: with a free colour per image, two
+# crops of one image are matched by their colours alone, and self-supervision
+# learns colour instead of shape (README, "Why the embedded default learns").
+PALETTE = ((0.9, 0.2, 0.2), (0.2, 0.8, 0.2), (0.2, 0.3, 0.9), (0.9, 0.9, 0.2), (0.9, 0.3, 0.9), (0.2, 0.9, 0.9))
+PALETTE_JITTER = 0.04
 # Minimum RGB distance (0..sqrt(3)) between object and background colour, so the
 # object stays visible; the rule is the same for every class.
 MIN_CONTRAST = 0.45
 # Clutter: distractors behind and in front of the object (count ranges, high
 # exclusive), and noise amplitudes (std, in [0, 1] colour units).
-DISTRACTORS_BEHIND = (4, 10)
-DISTRACTORS_FRONT = (0, 3)
-SMOOTH_NOISE = (0.05, 0.2)
-FINE_NOISE = (0.02, 0.12)
+DISTRACTORS_BEHIND = (0, 3)
+DISTRACTORS_FRONT = (0, 1)
+SMOOTH_NOISE = (0.02, 0.06)
+# Amplitude of the background's linear colour gradient.
+GRADIENT = (0.0, 0.15)
+FINE_NOISE = (0.0, 0.04)
 PIXEL_NOISE = 8.0 / 255
 PNG_COMPRESS_LEVEL = 6
 # Below this many images, starting worker processes costs more than it saves.
@@ -274,7 +282,9 @@ def _supersample(size: int) -> int:
 
 
 def _random_colour(rng: np.random.Generator) -> np.ndarray:
-    return rng.uniform(0.0, 1.0, 3)
+    """A palette colour, slightly jittered: every image draws from the same few colours."""
+    base = np.asarray(PALETTE[int(rng.integers(len(PALETTE)))], dtype=np.float64)
+    return np.clip(base + rng.normal(0.0, PALETTE_JITTER, 3), 0.0, 1.0)
 
 
 def _contrasting_colour(rng: np.random.Generator, against: np.ndarray) -> np.ndarray:
@@ -302,7 +312,7 @@ def _background(rng: np.random.Generator, size: int, canvas: int) -> tuple[Image
     grid = int(rng.integers(3, 7))
     yy, xx = np.mgrid[0:grid, 0:grid] / (grid - 1) - 0.5
     direction = rng.normal(size=2)
-    gradient = (xx * direction[0] + yy * direction[1])[..., None] * rng.uniform(0.0, 0.5) * rng.choice([-1, 1], 3)
+    gradient = (xx * direction[0] + yy * direction[1])[..., None] * rng.uniform(*GRADIENT) * rng.choice([-1, 1], 3)
     smooth = np.clip(base + gradient + rng.normal(0.0, rng.uniform(*SMOOTH_NOISE), (grid, grid, 3)), 0, 1)
     # Mid-frequency "texture" noise (blotches of a few pixels), same for all classes.
     fine_grid = int(rng.integers(8, 17))

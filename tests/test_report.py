@@ -79,7 +79,9 @@ def test_results_table_in_the_papers_format(tmp_path: Path) -> None:
     assert "| **AttMask-High** (this run) | 10-50% | 61.2 | 70.3 | 80.4 |" in text
     assert "| random init (baseline) | - | 21.5 | 25.0 | 40.0 |" in text
     assert "| raw pixels (baseline) | - | 14.4 | - | - |" in text
-    assert "| small CNN, supervised, 30 epochs (upper bound) | - | | | 93.8 |" in text
+    assert "| supervised reference (upper bound) | - | | | 40.0 |" in text  # the random-init fine-tuning run
+    assert "reach k-NN 153% and linear probe 176% of it" in text
+    assert report["supervised_reference"]["knn_share"] == 153.0
     assert "*49.7*" in text and "theirs" in text  # the paper's row, labelled as theirs
     assert "Pre-trained minus random init, in points: knn +39.7, linear +45.3, finetune +40.4." in text
     assert report["knn_k"] == 20 and report["table"]["pretrained"] == {"knn": 61.2, "linear": 70.3, "finetune": 80.4}
@@ -113,9 +115,7 @@ def test_missing_optional_inputs_render(tmp_path: Path) -> None:
     assert "### Few-shot k-NN\n\nnot run" in text
     assert "machine (stages) | not recorded" in text
     assert "Other reports" not in text  # no reliability.md / bench.md
-    assert "upper bound" in text
-    _, other = render(tmp_path, p=params(data={"synthetic": {"train_per_class": 100}}))
-    assert "93.8" not in other and "No supervised upper bound" in other  # measured on another configuration
+    assert "upper bound" not in text and "No supervised reference: the fine-tuning stage has not run." in text
 
 
 def test_other_reports_are_linked_with_a_summary(tmp_path: Path) -> None:
