@@ -79,7 +79,8 @@ def test_results_table_in_the_papers_format(tmp_path: Path) -> None:
     assert "| **AttMask-High** (this run) | 10-50% | 61.2 | 70.3 | 80.4 |" in text
     assert "| random init (baseline) | - | 21.5 | 25.0 | 40.0 |" in text
     assert "| raw pixels (baseline) | - | 14.4 | - | - |" in text
-    assert "| supervised reference (upper bound) | - | | | 40.0 |" in text  # the random-init fine-tuning run
+    assert "| supervised reference: same ViT, labels, from random init | - | | | 40.0 |" in text  # random-init fine-tuning
+    assert "so the reference is no upper bound here" in text
     assert "reach k-NN 153% and linear probe 176% of it" in text
     assert report["supervised_reference"]["knn_share"] == 153.0
     assert "*49.7*" in text and "theirs" in text  # the paper's row, labelled as theirs
@@ -115,7 +116,7 @@ def test_missing_optional_inputs_render(tmp_path: Path) -> None:
     assert "### Few-shot k-NN\n\nnot run" in text
     assert "machine (stages) | not recorded" in text
     assert "Other reports" not in text  # no reliability.md / bench.md
-    assert "upper bound" not in text and "No supervised reference: the fine-tuning stage has not run." in text
+    assert "| supervised reference: same ViT" not in text and "No supervised reference: the fine-tuning stage has not run." in text
 
 
 def test_other_reports_are_linked_with_a_summary(tmp_path: Path) -> None:
