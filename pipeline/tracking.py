@@ -22,6 +22,7 @@ import platform
 import socket
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -78,8 +79,12 @@ def record_run(
     if not enabled:
         return main(RunRecord(None, None))
 
-    import sacred
-    from sacred.observers import FileStorageObserver
+    with warnings.catch_warnings():
+        # sacred 0.8 imports pkg_resources, whose deprecation notice would open every stage's log;
+        # the pin setuptools<81 (pyproject.toml) keeps it working, so the notice carries nothing to act on
+        warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
+        import sacred
+        from sacred.observers import FileStorageObserver
 
     # tqdm bars and prints stay on the terminal; sacred would otherwise capture them
     sacred.SETTINGS["CAPTURE_MODE"] = "no"

@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from pipeline.config import Params
 from pipeline.tracking import RunRecord, machine_info, record_run
+from tests.conftest import REPO
 
 
 def fake_stage(record: RunRecord) -> dict[str, float]:
@@ -57,3 +60,18 @@ def test_a_failing_stage_leaves_no_timing_file(tmp_path: Path, monkeypatch: pyte
 def test_machine_without_cuda_use_is_cpu() -> None:
     # CUDA counts only if the stage initialised it; these tests never do
     assert machine_info()["device"] == "cpu"
+
+
+def test_a_recorded_stage_prints_no_dependency_warning(tmp_path):
+    # a fresh interpreter: in this test session sacred may be imported already, which would hide the warning
+    script = (
+        "import warnings; warnings.simplefilter('default')\n"
+        "from pathlib import Path\n"
+        "from pipeline.config import params_from_dict\n"
+        "from pipeline.tracking import record_run\n"
+        f"record_run('probe', params_from_dict({{}}), lambda record: {{}}, runs_dir=Path({str(tmp_path / 'runs')!r}),\n"
+        f"           timing_dir=Path({str(tmp_path / 'timing')!r}))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "Warning" not in done.stderr, done.stderr
