@@ -7,8 +7,6 @@ half-written file where a good one was. Loading always uses
 """
 from __future__ import annotations
 
-from pipeline.errors import UserError
-
 import io
 import os
 import sys
@@ -18,6 +16,8 @@ from pathlib import Path
 from typing import Any, BinaryIO, Iterator
 
 import torch
+
+from pipeline.errors import UserError
 
 
 class CheckpointError(UserError, RuntimeError):

@@ -7,8 +7,6 @@ the YAML file, so it is usable from a notebook too.
 """
 from __future__ import annotations
 
-from pipeline.errors import UserError
-
 import dataclasses
 import difflib
 import math
@@ -20,6 +18,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+
+from pipeline.errors import UserError
 
 SYNTHETIC_ROOT = "data/synthetic"
 MASKING_STRATEGIES = ("block", "random", "attmask_high", "attmask_hint", "attmask_low")

@@ -28,8 +28,6 @@ Choices made here (also in the manifest's ``policy``):
 """
 from __future__ import annotations
 
-from pipeline.errors import UserError
-
 import glob
 import hashlib
 import io
@@ -55,6 +53,7 @@ from tqdm import tqdm
 
 from pipeline.checkpoint import write_error
 from pipeline.config import SYNTHETIC_ROOT, DataConfig
+from pipeline.errors import UserError
 from pipeline.seeding import make_generator
 
 MANIFEST_NAME = "manifest.json"

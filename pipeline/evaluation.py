@@ -17,8 +17,6 @@ string keys; accuracies are percentages.
 """
 from __future__ import annotations
 
-from pipeline.errors import UserError
-
 import json
 import math
 import os
@@ -32,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.errors import UserError
 from pipeline.seeding import derive_seed
 
 FEATURE_VARIANTS = ("pretrained", "random_init", "pixels")

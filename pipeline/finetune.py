@@ -35,8 +35,6 @@ the data order, the augmentations and the drop-path draws are identical.
 """
 from __future__ import annotations
 
-from pipeline.errors import UserError
-
 import csv
 import io
 import json
@@ -62,6 +60,7 @@ from pipeline.checkpoint import atomic_write_bytes
 from pipeline.config import FinetuneConfig, ModelConfig, Params, ParamsError
 from pipeline.data import write_shards
 from pipeline.distributed import DistContext, all_reduce_sum, barrier
+from pipeline.errors import UserError
 from pipeline.features import load_backbone_state, random_backbone_state
 from pipeline.model import save_backbone_safetensors
 from pipeline.schedules import cosine_schedule

@@ -223,10 +223,11 @@ def sinkhorn_knopp(logits: Tensor, temp: float, iterations: int = 3) -> Tensor:
     distributed = dist.is_available() and dist.is_initialized()
     world = dist.get_world_size() if distributed else 1
     # shift by the global max before exp: identical maths, no overflow at temperature 0.04
-    shift = logits.float().max()
+    logits = logits.float()
+    shift = logits.max()
     if distributed:
         dist.all_reduce(shift, op=dist.ReduceOp.MAX)
-    q = torch.exp((logits.float() - shift) / temp).t()  # (K, N)
+    q = torch.exp((logits - shift) / temp).t()  # (K, N)
     rows, columns = q.shape[0], q.shape[1] * world
     total = q.sum()
     if distributed:

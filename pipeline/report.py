@@ -194,6 +194,7 @@ def collect_report(
         }
         if any(v is not None for v in row.values()):
             table[variant] = row
+    pretrained = table.get("pretrained") or {}
     masking = params.masking
     key = (masking.strategy, round(masking.ratio, 6), round(masking.ratio_var, 6))
     data: dict[str, Any] = {"manifest": str(manifest_path), "manifest_sha256": None}
@@ -223,8 +224,7 @@ def collect_report(
         "pretrain": _read_optional(pretrain_dir / "metrics.json"),
         "uniform_cls_loss": math.log(params.model.out_dim),
         "expected_masked_share": masking.prob * masking.ratio,
-        "supervised_reference": supervised_reference(
-            finetune, (table.get("pretrained") or {}).get("knn"), (table.get("pretrained") or {}).get("linear")),
+        "supervised_reference": supervised_reference(finetune, pretrained.get("knn"), pretrained.get("linear")),
         "paper": {"source": PAPER_SOURCE, "table": PAPER_TABLE.get(key), "fewshot": PAPER_FEWSHOT.get(masking.strategy)
                   if key in PAPER_TABLE else None},
         "figures": dict(figures),

@@ -23,8 +23,6 @@ Plain webdataset readers work on the same files, e.g.
 """
 from __future__ import annotations
 
-from pipeline.errors import UserError
-
 import dataclasses
 import hashlib
 import io
@@ -45,6 +43,7 @@ from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from pipeline.data import DEFAULT_MAX_PIXELS, MANIFEST_FORMAT, MANIFEST_NAME, SPLITS, sha256_file, to_rgb
+from pipeline.errors import UserError
 from pipeline.seeding import derive_seed, make_generator
 
 IMAGE_EXTS = ("jpg", "png")

@@ -14,8 +14,6 @@ replays exactly what an uninterrupted one does.
 """
 from __future__ import annotations
 
-from pipeline.errors import UserError
-
 import importlib.util
 import json
 import math
@@ -37,12 +35,13 @@ from pipeline.augment import MultiCropAugmentation
 from pipeline.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from pipeline.config import Params, ParamsError, params_to_dict
 from pipeline.distributed import DistContext, all_reduce_sum, gather_rows
+from pipeline.errors import UserError
 from pipeline.loss import IBOTLoss, koleo_loss
 from pipeline.masking import generate_masks
 from pipeline.model import IBOTNetwork, backbone_state_dict, build_network, save_backbone_safetensors
 from pipeline.schedules import TrainingSchedules
 from pipeline.seeding import configure_determinism, derive_seed, make_generator
-from pipeline.shards import ShardDataset, open_split
+from pipeline.shards import ShardDataset, ShardSplit, open_split
 from pipeline.tracking import RunRecord
 
 CHECKPOINT_FORMAT = 1
@@ -220,6 +219,7 @@ class Pretrainer:
         )
         self._stop_signal: int | None = None
         self.knn_history: list[list[float]] = []  # [epoch, step, top1] of pretrain.eval_every
+        self.val_split: ShardSplit | None = None  # read only by evaluate_knn
 
     # ----------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
@@ -277,19 +277,18 @@ class Pretrainer:
         from pipeline.features import extract_split, vit_features
 
         vit = self.teacher.backbone.vit
-        sets = {}
+        if self.val_split is None:  # opened (and verified) once, on the first evaluation
+            self.val_split = open_split(self.paths.shards, "val")
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []), torch.no_grad():
-            for name in ("train", "val"):
-                split = self.split if name == "train" else open_split(self.paths.shards, "val")
-                result = extract_split(
-                    split, {"teacher": lambda images: vit_features(vit, images)},
-                    image_size=self.params.augment.global_size, batch_size=256, device=self.device,
-                    context=self.context, progress_bar=False,
-                )
-                sets[name] = None if result is None else result["teacher"]
-        if sets["train"] is None or sets["val"] is None:
+            train, val = (
+                extract_split(split, {"teacher": lambda images: vit_features(vit, images)},
+                              image_size=self.params.augment.global_size, batch_size=256, device=self.device,
+                              context=self.context, progress_bar=False)
+                for split in (self.split, self.val_split)
+            )
+        if train is None or val is None:
             return None
-        train, val = sets["train"], sets["val"]
+        train, val = train["teacher"], val["teacher"]
         knn = weighted_knn(train.features, train.labels, val.features, val.labels, [self.config.eval_k],
                            temperature=EVAL_TEMPERATURE)
         return float(knn["top1"][str(self.config.eval_k)])
@@ -469,6 +468,9 @@ class Pretrainer:
         finally:
             bar.close()
             self._restore_signal_handlers()
+            if self.val_split is not None:
+                self.val_split.close()
+                self.val_split = None
         wall = time.perf_counter() - start
         self.export()
         return self.summary(wall, images_seen, throughput, resumed)

@@ -11,8 +11,8 @@ from typing import Any
 
 from pipeline.config import Params
 from pipeline.distributed import init_distributed, launched_as_main_rank, resolve_device, shutdown
-from pipeline.tracking import RunRecord
 from pipeline.seeding import configure_determinism
+from pipeline.tracking import RunRecord
 from pipeline.training import PretrainPaths, pretrain, write_training_records
 from stages import run_stage
 
