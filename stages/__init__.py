@@ -20,7 +20,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     ``OSError`` covers a missing input (FileNotFoundError, the features' BackboneNotFoundError),
     permissions and a full disk; the pipeline's own messages name the file.
     """
-    from pipeline.errors import UserError
+    from pipeline.core.errors import UserError
 
     return (UserError, OSError)
 
@@ -35,13 +35,13 @@ def describe_error(stage: str, error: BaseException) -> str:
 
 def run_stage(stage: str, main: Callable[[Any, Any], dict[str, Any]], enabled: bool = True,
               params_path: str = "params.yaml") -> dict[str, Any]:
-    """Load params, run ``main(params, record)`` under :func:`pipeline.tracking.record_run`.
+    """Load params, run ``main(params, record)`` under :func:`pipeline.core.tracking.record_run`.
 
     ``enabled=False`` (torchrun ranks other than 0) runs without a sacred record.
     A user error ends the process with one line on stderr and exit status 2.
     """
-    from pipeline.config import load_params
-    from pipeline.tracking import record_run
+    from pipeline.core.config import load_params
+    from pipeline.core.tracking import record_run
 
     try:
         params = load_params(params_path)

@@ -16,19 +16,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shlex
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
-from pipeline.compare import dvc, match, plan, queue_command, render
-from pipeline.config import load_params
+from pipeline.core.config import load_params
+from pipeline.reporting.compare import dvc, match, plan, queue_command, render
+from stages.paths import PARAMS, REPORTS
 
-PARAMS = Path("params.yaml")
-REPORTS = Path("reports")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,17 +52,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             for e in todo:
                 print("dvc " + shlex.join(queue_command(e)))
-            print(f"dvc exp run --run-all --jobs {args.jobs}")
+            print(f"dvc queue start --jobs {args.jobs}")
             return 0
         started = time.perf_counter()
         for e in todo:
             dvc(*queue_command(e))
         try:
             # runs every queued experiment (also ones queued by hand), in temporary copies of the repo
-            dvc("exp", "run", "--run-all", "--jobs", str(args.jobs))
+            run_queue(args.jobs)
         except subprocess.CalledProcessError as error:
-            print(f"compare: `dvc exp run --run-all` failed ({error.returncode}); rendering what finished",
-                  file=sys.stderr)
+            print(f"compare: the DVC queue failed ({error.returncode}); rendering what finished", file=sys.stderr)
         minutes = (time.perf_counter() - started) / 60
         print(f"compare: ran {len(todo)} experiments in {minutes:.1f} min")
         head = git_head()
@@ -76,6 +76,53 @@ def main(argv: list[str] | None = None) -> int:
     print(f"compare: {REPORTS / 'comparison.md'}, comparison.png, comparison.json"
           + (f"; {len(missing)} experiments missing: {', '.join(e.name for e in missing)}" if missing else ""))
     return 1 if missing and not args.dry_run else 0
+
+
+@dataclass(frozen=True)
+class QueueState:
+    """Counts parsed from ``dvc queue status``."""
+
+    queued: int
+    running: int
+    finished: int
+    workers: int  # active + idle
+
+
+def queue_state(status_text: str) -> QueueState:
+    """Parse ``dvc queue status`` (a table whose last column is the status, then a worker line)."""
+    counts = {"Queued": 0, "Running": 0, "Success": 0, "Failed": 0}
+    workers = 0
+    for line in status_text.splitlines():
+        words = line.split()
+        if line.startswith("Worker status:"):
+            workers = sum(int(n) for n in re.findall(r"(\d+) (?:active|idle)", line))
+        elif words and words[-1] in counts:
+            counts[words[-1]] += 1
+    return QueueState(counts["Queued"], counts["Running"], counts["Success"] + counts["Failed"], workers)
+
+
+def run_queue(jobs: int, poll_seconds: float = 20.0) -> None:
+    """Run DVC's experiment queue to the end: ``jobs`` workers, until nothing is queued or running.
+
+    ``dvc exp run --run-all`` waits forever when its worker exits early (a stale
+    shutdown message in the queue's broker does that: the worker ran one
+    experiment and left 23 queued), so the queue is started with ``dvc queue
+    start`` and watched here, and a worker that leaves experiments queued is
+    started again.
+    """
+    dvc("queue", "start", "--jobs", str(jobs))
+    reported = None
+    while True:
+        state = queue_state(dvc("queue", "status", capture=True))
+        if state.queued == 0 and state.running == 0:
+            return
+        if (state.finished, state.running) != reported:
+            print(f"compare: {state.queued} queued, {state.running} running, {state.finished} finished", flush=True)
+            reported = (state.finished, state.running)
+        if state.workers == 0:
+            print("compare: no queue worker left with experiments queued; starting one again", file=sys.stderr)
+            dvc("queue", "start", "--jobs", str(jobs))
+        time.sleep(poll_seconds)
 
 
 def exp_show(rev: str | None = None) -> list[dict]:

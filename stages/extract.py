@@ -7,25 +7,22 @@ Writes ``data/features/<variant>/{train,val}.npz`` and ``reports/eval/extract.js
 """
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from pipeline.checkpoint import atomic_write_bytes
-from pipeline.config import Params
-from pipeline.distributed import init_distributed, launched_as_main_rank, resolve_device, shutdown
-from pipeline.features import extract_features, load_backbone_state
-from pipeline.seeding import configure_determinism
-from pipeline.tracking import RunRecord
+from pipeline.core.config import Params
+from pipeline.core.distributed import init_distributed, launched_as_main_rank, resolve_device, shutdown
+from pipeline.core.files import write_json
+from pipeline.core.seeding import configure_determinism
+from pipeline.core.tracking import RunRecord
+from pipeline.evaluation.extract import extract_features
+from pipeline.method.backbone_export import load_backbone_state
 from stages import run_stage
+from stages.paths import BACKBONE, EVAL_REPORTS, FEATURES, SHARDS
 
-SHARDS = Path("data/shards")
-BACKBONE = Path("models/pretrain/backbone.safetensors")
-FEATURES = Path("data/features")
-REPORT = Path("reports/eval/extract.json")
+REPORT = EVAL_REPORTS / "extract.json"
 
 
 def main(params: Params, record: RunRecord | None = None, progress_bar: bool = True) -> dict[str, Any]:
@@ -40,7 +37,7 @@ def main(params: Params, record: RunRecord | None = None, progress_bar: bool = T
     try:
         summary = extract_features(params, SHARDS, BACKBONE, FEATURES, device, context, progress_bar=progress_bar)
         if context.is_main:
-            atomic_write_bytes(REPORT, (json.dumps(summary, indent=2, sort_keys=True) + "\n").encode())
+            write_json(summary, REPORT)
             if record is not None:
                 record.add_artifact(REPORT, name="extract.json")
             dims = ", ".join(f"{v} {s['dim']}" for v, s in summary["variants"].items())

@@ -6,16 +6,17 @@ Variants: ``pretrained`` (required) and ``random_init`` (if extracted).
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
-from pipeline.config import Params
-from pipeline.evaluation import fewshot_knn, load_variant, write_json
-from pipeline.tracking import RunRecord
+from pipeline.core.config import Params
+from pipeline.core.files import write_json
+from pipeline.core.tracking import RunRecord
+from pipeline.evaluation.feature_files import load_variant, required_variants
+from pipeline.evaluation.knn import fewshot_knn
 from stages import run_stage
-from stages.knn import FEATURES, required_variants
+from stages.paths import EVAL_REPORTS, FEATURES
 
-OUTPUT = Path("reports/eval/fewshot.json")
+OUTPUT = EVAL_REPORTS / "fewshot.json"
 VARIANTS = ("pretrained", "random_init")
 
 
@@ -33,7 +34,7 @@ def main(params: Params, record: RunRecord | None = None) -> dict[str, Any]:
             for shots, value in results[variant].items():
                 if shots != "skipped":
                     record.log_scalar(f"{variant}.top1.shots{shots}", value["mean"])
-    write_json(results, OUTPUT)
+    write_json(results, OUTPUT, decimals=4)
     print(format_table(results, config.draws))
     return results
 

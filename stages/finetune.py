@@ -11,22 +11,17 @@ and ``reports/eval/finetune_curve.csv``.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from pipeline.config import Params
-from pipeline.distributed import init_distributed, launched_as_main_rank, resolve_device, shutdown
-from pipeline.finetune import FINETUNE_VARIANTS, backbone_for_variant, run_finetune, write_finetune_reports
-from pipeline.tracking import RunRecord
+from pipeline.core.config import Params
+from pipeline.core.distributed import init_distributed, launched_as_main_rank, resolve_device, shutdown
+from pipeline.core.tracking import RunRecord
+from pipeline.evaluation.finetune import FINETUNE_VARIANTS, backbone_for_variant, run_finetune, write_finetune_reports
 from stages import run_stage
+from stages.paths import BACKBONE, EVAL_REPORTS, FINETUNE_MODELS, FINETUNE_SHARDS, SHARDS
 
-SHARDS = Path("data/shards")
-FINETUNE_SHARDS = Path("data/finetune_shards")
-BACKBONE = Path("models/pretrain/backbone.safetensors")
-MODELS = Path("models/finetune")
-REPORTS = Path("reports/eval")
 
 
 def main(params: Params, record: RunRecord | None = None, progress_bar: bool = True) -> dict[str, Any]:
@@ -38,10 +33,10 @@ def main(params: Params, record: RunRecord | None = None, progress_bar: bool = T
         torch.cuda.set_device(device)
     context = init_distributed(device)
     try:
-        summary = run_finetune(params, SHARDS, BACKBONE, MODELS, device, context, variants=FINETUNE_VARIANTS,
+        summary = run_finetune(params, SHARDS, BACKBONE, FINETUNE_MODELS, device, context, variants=FINETUNE_VARIANTS,
                                finetune_shards=FINETUNE_SHARDS, record=record, progress_bar=progress_bar)
         if context.is_main:
-            write_finetune_reports(summary["metrics"], REPORTS)
+            write_finetune_reports(summary["metrics"], EVAL_REPORTS)
             if record is not None:  # clock readings: reports/timing, not DVC outputs
                 record.add_timing(seconds_per_variant=summary["wall_seconds"])
             for variant, metrics in summary["metrics"].items():

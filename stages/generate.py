@@ -1,4 +1,4 @@
-"""DVC stage `generate`: the embedded default dataset (pipeline/synthetic.py).
+"""DVC stage `generate`: the embedded default dataset (pipeline/data/synthetic.py).
 
     python -m stages.generate
 
@@ -13,9 +13,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import SYNTHETIC_ROOT, Params, ParamsError
-from pipeline.data import replace_dir
-from pipeline.synthetic import generate_dataset
+from pipeline.core.config import SYNTHETIC_ROOT, Params, ParamsError
+from pipeline.core.files import replace_dir
+from pipeline.data.synthetic import generate_dataset
 from stages import run_stage
 
 NOT_USED_TEXT = (

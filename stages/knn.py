@@ -7,17 +7,17 @@ Evaluates every variant present under ``data/features/``: ``pretrained`` (requir
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
-from pipeline.config import Params
-from pipeline.evaluation import available_variants, load_variant, weighted_knn, write_json
-from pipeline.tracking import RunRecord
+from pipeline.core.config import Params
+from pipeline.core.files import write_json
+from pipeline.core.tracking import RunRecord
+from pipeline.evaluation.feature_files import VARIANTS, load_variant, required_variants
+from pipeline.evaluation.knn import weighted_knn
 from stages import run_stage
+from stages.paths import EVAL_REPORTS, FEATURES
 
-FEATURES = Path("data/features")
-OUTPUT = Path("reports/eval/knn.json")
-VARIANTS = ("pretrained", "random_init", "pixels")
+OUTPUT = EVAL_REPORTS / "knn.json"
 
 
 def main(params: Params, record: RunRecord | None = None) -> dict[str, Any]:
@@ -34,17 +34,9 @@ def main(params: Params, record: RunRecord | None = None) -> dict[str, Any]:
             for metric in ("top1", "top5"):
                 for k, value in results[variant][metric].items():
                     record.log_scalar(f"{variant}.{metric}.k{k}", value)
-    write_json(results, OUTPUT)
+    write_json(results, OUTPUT, decimals=4)
     print(format_table(results))
     return results
-
-
-def required_variants(root: Path, variants: tuple[str, ...]) -> list[str]:
-    """The variants present under ``root``; ``pretrained`` must be one of them."""
-    present = available_variants(root, variants)
-    if "pretrained" not in present:
-        raise FileNotFoundError(f"{root / 'pretrained' / 'train.npz'}: not found; run the extract stage first")
-    return present
 
 
 def format_table(results: dict[str, dict[str, Any]]) -> str:

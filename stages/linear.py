@@ -7,16 +7,17 @@ chosen by cross-validation on train features only; val is scored once.
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
-from pipeline.config import Params
-from pipeline.evaluation import linear_probe, load_variant, write_json
-from pipeline.tracking import RunRecord
+from pipeline.core.config import Params
+from pipeline.core.files import write_json
+from pipeline.core.tracking import RunRecord
+from pipeline.evaluation.feature_files import load_variant, required_variants
+from pipeline.evaluation.linear_probe import linear_probe
 from stages import run_stage
-from stages.knn import FEATURES, required_variants
+from stages.paths import EVAL_REPORTS, FEATURES
 
-OUTPUT = Path("reports/eval/linear.json")
+OUTPUT = EVAL_REPORTS / "linear.json"
 VARIANTS = ("pretrained", "random_init")
 
 
@@ -30,7 +31,7 @@ def main(params: Params, record: RunRecord | None = None) -> dict[str, Any]:
         if record is not None:
             record.log_scalar(f"{variant}.top1", results[variant]["top1"])
             record.log_scalar(f"{variant}.C", results[variant]["C"])
-    write_json(results, OUTPUT)
+    write_json(results, OUTPUT, decimals=4)
     for variant, result in results.items():
         note = f", {result['convergence_warnings']} fits did not converge" if result["convergence_warnings"] else ""
         print(f"linear probe {variant:<14} top-1 {result['top1']:6.2f}  C={result['C']:g}{note}")

@@ -4,19 +4,15 @@
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
-from pipeline.report import collect_metrics, read_timings, write_metrics
+from pipeline.reporting.metrics import collect_metrics, read_timings, write_metrics
+from stages.paths import EVAL_REPORTS, METRICS, PRETRAIN_REPORTS, TIMING
 
-EVAL = Path("reports/eval")
-PRETRAIN = Path("reports/pretrain")
-METRICS = Path("reports/metrics.json")
-TIMING = Path("reports/timing")
 
 
 def main() -> dict[str, Any]:
-    metrics = collect_metrics(EVAL, PRETRAIN, timing=read_timings(TIMING, ["pretrain"])["pretrain"])
+    metrics = collect_metrics(EVAL_REPORTS, PRETRAIN_REPORTS, timing=read_timings(TIMING, ["pretrain"])["pretrain"])
     write_metrics(metrics, METRICS)
     knn = ", ".join(f"k={k}: {v:.1f}" for k, v in metrics["knn"].items())
     print(f"metrics: k-NN top-1 {knn}; linear {metrics['linear']['top1']:.1f}; "

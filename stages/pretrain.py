@@ -6,19 +6,16 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
-from pipeline.config import Params
-from pipeline.distributed import init_distributed, launched_as_main_rank, resolve_device, shutdown
-from pipeline.seeding import configure_determinism
-from pipeline.tracking import RunRecord
-from pipeline.training import PretrainPaths, pretrain, write_training_records
+from pipeline.core.config import Params
+from pipeline.core.distributed import init_distributed, launched_as_main_rank, resolve_device, shutdown
+from pipeline.core.seeding import configure_determinism
+from pipeline.core.tracking import RunRecord
+from pipeline.method.training import PretrainPaths, pretrain, write_training_records
 from stages import run_stage
+from stages.paths import PRETRAIN_MODELS, PRETRAIN_REPORTS, SHARDS
 
-SHARDS = Path("data/shards")
-MODELS = Path("models/pretrain")
-REPORTS = Path("reports/pretrain")
 
 
 def main(params: Params, record: RunRecord | None = None, progress_bar: bool = True) -> dict[str, Any]:
@@ -26,10 +23,10 @@ def main(params: Params, record: RunRecord | None = None, progress_bar: bool = T
     device = resolve_device(params.pretrain.device, int(os.environ.get("LOCAL_RANK", "0")))
     context = init_distributed(device)
     try:
-        paths = PretrainPaths.under(SHARDS, MODELS, REPORTS)
+        paths = PretrainPaths.under(SHARDS, PRETRAIN_MODELS, PRETRAIN_REPORTS)
         summary = pretrain(params, paths, device, context, record=record, progress_bar=progress_bar)
         if context.is_main:
-            from pipeline.checkpoint import load_checkpoint
+            from pipeline.method.checkpoint import load_checkpoint
 
             history = load_checkpoint(paths.checkpoint)["history"].tolist()
             write_training_records(summary, history, paths.reports)

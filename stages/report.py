@@ -15,31 +15,27 @@ from typing import Any
 import torch
 import yaml
 
-from pipeline.augment import eval_transform
-from pipeline.checkpoint import atomic_write_bytes
-from pipeline.config import Params
-from pipeline.features import load_backbone
-from pipeline.figures import (
+from pipeline.core.config import Params
+from pipeline.core.files import atomic_write_text
+from pipeline.data.augment import eval_transform
+from pipeline.method.backbone_export import load_backbone
+from pipeline.reporting.figures import (
     mask_examples, pick_examples, plot_finetune_curve, plot_losses, plot_mask_figure, plot_masked_share,
     read_csv_columns, save_png,
 )
-from pipeline.report import (
-    collect_report, describe_machine, git_commit, read_timings, render_readme, summarize_markdown,
-    write_report_json,
-)
-from pipeline.shards import open_split
-from pipeline.tracking import RunRecord
+from pipeline.core.tracking import RunRecord
+from pipeline.data.shard_reader import open_split
+from pipeline.reporting.metrics import read_timings
+from pipeline.reporting.readme import collect_report, describe_machine, git_commit, render_readme, summarize_markdown, write_report_json
 from stages import run_stage
+from stages.paths import BACKBONE, REPORTS, SHARDS
 
-REPORTS = Path("reports")
 EVAL = REPORTS / "eval"
 PRETRAIN = REPORTS / "pretrain"
 TIMING = REPORTS / "timing"
 FIGURES = REPORTS / "figures"
 REPORT_JSON = REPORTS / "report.json"
 README = REPORTS / "README.md"
-SHARDS = Path("data/shards")
-BACKBONE = Path("models/pretrain/backbone.safetensors")
 OTHER_REPORTS = ("comparison.md", "reliability.md", "bench.md")  # linked when present
 EXAMPLES = 6  # val images in the qualitative figure
 
@@ -84,7 +80,7 @@ def main(params: Params, record: RunRecord | None = None) -> dict[str, Any]:
     stages = [s for s in yaml.safe_load(Path("dvc.yaml").read_text())["stages"] if s != "report"]
     others = {name: summarize_markdown(REPORTS / name) for name in OTHER_REPORTS}
     readme = render_readme(report, git_commit(), describe_machine(), read_timings(TIMING, stages), others)
-    atomic_write_bytes(README, readme.encode())
+    atomic_write_text(README, readme)
     if record is not None:
         record.add_artifact(REPORT_JSON, name="report.json")
         record.add_artifact(README, name="README.md")

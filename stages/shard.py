@@ -5,15 +5,14 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
-from pipeline.config import Params
-from pipeline.data import build_shards
-from pipeline.tracking import RunRecord
+from pipeline.core.config import Params
+from pipeline.core.tracking import RunRecord
+from pipeline.data.shard_writer import build_shards
 from stages import run_stage
+from stages.paths import SHARDS
 
-SHARDS = Path("data/shards")
 
 
 def main(params: Params, record: RunRecord | None = None, progress_bar: bool = True) -> dict[str, Any]:

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.config import Params, params_from_dict
-from pipeline.data import build_shards
+from pipeline.core.config import Params, params_from_dict
+from pipeline.data.shard_writer import build_shards
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -13,11 +13,11 @@ import pytest
 import torch
 import yaml
 
-from pipeline.config import SyntheticConfig, params_from_dict
-from pipeline.data import build_shards
-from pipeline.distributed import DistContext
-from pipeline.synthetic import generate_dataset
-from pipeline.training import Pretrainer, PretrainPaths
+from pipeline.core.config import SyntheticConfig, params_from_dict
+from pipeline.core.distributed import DistContext
+from pipeline.data.shard_writer import build_shards
+from pipeline.data.synthetic import generate_dataset
+from pipeline.method.training import Pretrainer, PretrainPaths
 from tests.conftest import REPO
 
 # 10 classes x 100 train images at the default batch: 7 steps an epoch, 84 steps

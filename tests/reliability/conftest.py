@@ -201,8 +201,8 @@ def pretrain_reference(tiny_folder: Path, tiny_shards: Path, tmp_path_factory: p
 
     import torch
 
-    import pipeline.checkpoint as checkpoint
-    from tests.test_training import stage_workdir
+    import pipeline.method.checkpoint as checkpoint
+    from tests.method.test_training import stage_workdir
 
     work = stage_workdir(tmp_path_factory.mktemp("reference"), tiny_folder, tiny_shards, pretrain=PRETRAIN_OPTIONS)
     checkpoints: dict[tuple[int, int], bytes] = {}

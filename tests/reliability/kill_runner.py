@@ -34,7 +34,7 @@ def die() -> None:
 
 
 def kill_at_step(epoch: int, step: int) -> None:
-    from pipeline.training import Pretrainer
+    from pipeline.method.training import Pretrainer
 
     original = Pretrainer.train_step
 
@@ -71,7 +71,7 @@ class _HalfWriter:
 
 def kill_in_checkpoint_write(n: int) -> None:
     """Die half-way through the n-th write of ``checkpoint.pt`` (its temporary file)."""
-    import pipeline.checkpoint as checkpoint
+    import pipeline.method.checkpoint as checkpoint
 
     real_os = checkpoint.os
     count = {"n": 0}
@@ -136,10 +136,10 @@ def kill_at_npz_array(n: int) -> None:
 
 
 def collective() -> None:
-    """Two all-reduces through pipeline.distributed; the chosen rank dies or freezes in between."""
+    """Two all-reduces through pipeline.core.distributed; the chosen rank dies or freezes in between."""
     import torch
 
-    from pipeline.distributed import all_reduce_sum, init_distributed, shutdown
+    from pipeline.core.distributed import all_reduce_sum, init_distributed, shutdown
 
     context = init_distributed(torch.device("cpu"))
     value = all_reduce_sum(torch.ones(4), context)
@@ -176,7 +176,7 @@ def main(argv: list[str]) -> None:
 
     import importlib
 
-    from pipeline.config import load_params
+    from pipeline.core.config import load_params
 
     module = importlib.import_module(f"stages.{stage}")
     module.main(load_params("params.yaml"), progress_bar=False)

@@ -199,7 +199,7 @@ def run_stage_in_process(work: Path, stage: str) -> None:
     """``stages.<stage>.main`` on ``work/params.yaml``, in ``work``, as the kill runner runs it."""
     import importlib
 
-    from pipeline.config import load_params
+    from pipeline.core.config import load_params
 
     module = importlib.import_module(f"stages.{stage}")
     with chdir(work), one_thread():

@@ -13,15 +13,15 @@ from typing import Iterator
 import pytest
 import torch
 
-from pipeline.checkpoint import load_checkpoint, save_checkpoint
-from pipeline.config import params_from_dict
-from pipeline.data import build_shards
-from pipeline.features import extract_features
-from pipeline.shards import open_split
+from pipeline.core.config import params_from_dict
+from pipeline.data.shard_reader import open_split
+from pipeline.data.shard_writer import build_shards
+from pipeline.evaluation.extract import extract_features
+from pipeline.method.checkpoint import load_checkpoint, save_checkpoint
 from tests.conftest import tiny_params_dict
 from tests.reliability.support import (PRETRAIN_OPTIONS, PRETRAIN_OUTPUTS, file_size_limit, one_thread,
                                        run_stage_in_process, small_disk, snapshot)
-from tests.test_training import stage_workdir
+from tests.method.test_training import stage_workdir
 
 MECHANISMS = ["tmpfs", "rlimit_fsize"]
 CPU = torch.device("cpu")

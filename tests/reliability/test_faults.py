@@ -16,18 +16,17 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.checkpoint import CheckpointError, load_checkpoint
-from pipeline.config import params_from_dict
-from pipeline.data import restore_moved_aside
-from pipeline.features import load_backbone_state, random_backbone_state
-from pipeline.loss import IBOTLoss
-from pipeline.model import save_backbone_safetensors
-from pipeline.shards import open_split
-from pipeline.training import NonFiniteLossError
+from pipeline.core.config import params_from_dict
+from pipeline.core.files import restore_moved_aside
+from pipeline.data.shard_reader import open_split
+from pipeline.method.backbone_export import load_backbone_state, random_backbone_state, save_backbone_safetensors
+from pipeline.method.checkpoint import CheckpointError, load_checkpoint
+from pipeline.method.loss import IBOTLoss
+from pipeline.method.training import NonFiniteLossError
 from tests.conftest import tiny_params_dict
 from tests.reliability.support import (PRETRAIN_OPTIONS, PRETRAIN_OUTPUTS, free_port, run_killed,
                                        run_stage_in_process, snapshot, stage_env)
-from tests.test_training import stage_workdir
+from tests.method.test_training import stage_workdir
 
 RNG_SEED = 7  # kill points: random, but the same in every run
 

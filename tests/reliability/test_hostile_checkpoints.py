@@ -13,13 +13,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from pipeline.checkpoint import CheckpointError, load_checkpoint
-from pipeline.config import ParamsError, params_from_dict
-from pipeline.distributed import DistContext
-from pipeline.evaluation import FeatureFileError
-from pipeline.evaluation import load_features as load_eval_features
-from pipeline.features import load_backbone, load_backbone_state
-from pipeline.training import Pretrainer, PretrainPaths
+from pipeline.core.config import ParamsError, params_from_dict
+from pipeline.core.distributed import DistContext
+from pipeline.evaluation.feature_files import FeatureFileError, load_features as load_eval_features
+from pipeline.method.backbone_export import load_backbone, load_backbone_state
+from pipeline.method.checkpoint import CheckpointError, load_checkpoint
+from pipeline.method.training import Pretrainer, PretrainPaths
 from tests.conftest import REPO, tiny_params_dict
 from tests.reliability.support import PRETRAIN_OPTIONS, snapshot
 
@@ -151,7 +150,7 @@ def test_pickled_feature_file_never_runs(tmp_path):
     np.savez(path, features=evil, labels=np.zeros(1, dtype=np.int64), keys=np.array(["a"]))
     with pytest.raises(FeatureFileError, match=f"{path}: not a readable features .npz"):
         load_eval_features(path)
-    from pipeline.features import load_features
+    from pipeline.evaluation.feature_files import load_features
 
     with pytest.raises(ValueError, match="allow_pickle"):
         load_features(path)
@@ -167,7 +166,7 @@ LOADERS = {("torch", "load"): ("weights_only", True), ("np", "load"): ("allow_pi
 @pytest.mark.fault_case("checkpoints", "every torch.load / np.load in pipeline/ and stages/ refuses pickled code; no pickle.load")
 def test_every_loader_in_the_code_is_safe():
     unsafe = []
-    for path in sorted([*(REPO / "pipeline").glob("*.py"), *(REPO / "stages").glob("*.py")]):
+    for path in sorted([*(REPO / "pipeline").rglob("*.py"), *(REPO / "stages").glob("*.py")]):
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
             if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Attribute):
                 continue

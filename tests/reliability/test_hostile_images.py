@@ -16,14 +16,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 from PIL import Image
 
-from pipeline.data import DatasetError, check_image, to_rgb, write_shards
-from pipeline.shards import open_split
+from pipeline.data.shard_reader import open_split
+from pipeline.data.shard_writer import DatasetError, check_image, to_rgb, write_shards
+from tests.data.test_shard_writer import encode, make_folder, png_header_only, random_rgb
 from tests.reliability.support import hang_guard
-from tests.test_data import encode, make_folder, png_header_only, random_rgb
 
 FUZZ = settings(deadline=None, derandomize=True, database=None, print_blob=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])

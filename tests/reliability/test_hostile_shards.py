@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.shards import ShardIntegrityError, open_split
+from pipeline.data.shard_reader import ShardIntegrityError, open_split
+from tests.data.test_shard_writer import encode, png_header_only, random_rgb
 from tests.reliability.support import snapshot
-from tests.test_data import encode, png_header_only, random_rgb
 
 PNG = encode(random_rgb(5, (12, 10)), "PNG")
 SHARD = "train-000000.tar"

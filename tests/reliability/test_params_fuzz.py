@@ -15,10 +15,9 @@ from typing import Any
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
-from pipeline.config import Params, ParamsError, load_params, params_from_dict, params_to_dict
+from pipeline.core.config import Params, ParamsError, load_params, params_from_dict, params_to_dict
 from tests.reliability.support import stage_env
 
 FUZZ = settings(deadline=None, derandomize=True, database=None, print_blob=True,
@@ -253,5 +252,5 @@ def test_stage_with_bad_params_fails_before_any_work(tmp_path):
     assert done.returncode == 2, done.stderr[-2000:]
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
-    assert lines[0].startswith("shard: pipeline.config.ParamsError: masking.ratio_var: ratio +- ratio_var"), lines
+    assert lines[0].startswith("shard: pipeline.core.config.ParamsError: masking.ratio_var: ratio +- ratio_var"), lines
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]  # no data, no run record

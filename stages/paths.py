@@ -1,0 +1,21 @@
+"""Where the stages read and write: the paths dvc.yaml declares, named once.
+
+A stage imports its paths from here, so a path changes in one place (and in
+dvc.yaml, which ``tests/stages/test_paths.py`` checks against this module).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+PARAMS = Path("params.yaml")
+SHARDS = Path("data/shards")
+FINETUNE_SHARDS = Path("data/finetune_shards")
+FEATURES = Path("data/features")
+PRETRAIN_MODELS = Path("models/pretrain")
+BACKBONE = PRETRAIN_MODELS / "backbone.safetensors"
+FINETUNE_MODELS = Path("models/finetune")
+REPORTS = Path("reports")
+PRETRAIN_REPORTS = REPORTS / "pretrain"
+EVAL_REPORTS = REPORTS / "eval"
+METRICS = REPORTS / "metrics.json"
+TIMING = REPORTS / "timing"

@@ -1,0 +1,217 @@
+"""The benchmark suite's own logic (no wall-time asserts): FLOP counting, MFU, statistics, rendering, estimates."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from pipeline.core.config import ModelConfig
+from pipeline.method.model import build_network
+from bench import estimate, report
+from bench.flops import NetworkDims, analytic_step_flops, counted_by_op, flop_counter, mfu
+from bench.machine import gpu_peak_tflops
+from bench.stats import format_summary, summarize
+
+TINY = ModelConfig(img_size=16, embed_dim=32, depth=2, num_heads=2, out_dim=64, head_hidden_dim=64, head_bottleneck_dim=32)
+
+
+def counted_step(network: torch.nn.Module, batch: int, global_size: int, local_size: int, local_number: int,
+                 cls_attention: bool) -> tuple[int, dict[str, int]]:
+    """FLOPs of what train_step runs: teacher forward, student forward + backward (heads included)."""
+    generator = torch.Generator().manual_seed(0)
+    globals_ = torch.randn(2 * batch, 3, global_size, global_size, generator=generator)
+    locals_ = torch.randn(local_number * batch, 3, local_size, local_size, generator=generator)
+    grid = global_size // network.backbone.patch_size
+    masks = torch.rand(2 * batch, grid, grid, generator=generator) < 0.3
+    with flop_counter() as counter:
+        with torch.no_grad():
+            network(globals_, return_cls_attention=cls_attention)
+        out = network(globals_, masks=masks, local_crops=locals_)
+        (out["cls"].sum() + out["patch"].sum()).backward()
+    return counter.get_total_flops(), counted_by_op(counter)
+
+
+@pytest.mark.parametrize("cls_attention", [False, True])
+def test_counted_flops_of_a_tiny_vit_match_the_analytic_formula(cls_attention):
+    network = build_network(TINY, drop_path_rate=0.0)
+    counted, by_op = counted_step(network, batch=2, global_size=16, local_size=8, local_number=2, cls_attention=cls_attention)
+    analytic = analytic_step_flops(NetworkDims.of(network), 2, 16, 8, 2, cls_attention)
+    assert counted == pytest.approx(analytic["total"], rel=0.03)
+    # the CPU attention kernel is counted (torch's counter alone misses it)
+    assert any("flash_attention_for_cpu" in op for op in by_op)
+    assert analytic["total"] == analytic["student_forward"] + analytic["student_backward"] + analytic["teacher_forward"]
+
+
+def test_network_dims_read_timm_defaults():
+    dims = NetworkDims.of(build_network(TINY, drop_path_rate=0.0))
+    assert (dims.patch_size, dims.embed_dim, dims.depth, dims.mlp_hidden) == (4, 32, 2, 128)
+    assert (dims.head_hidden, dims.head_bottleneck, dims.out_dim) == (64, 32, 64)
+
+
+def test_vit_s16_analytic_flops_are_the_known_figure():
+    # ViT-S/16 at 224 is ~4.6 GMACs (9.2 GFLOP) per image forward, head excluded
+    from bench.flops import backbone_forward_flops
+
+    parts = backbone_forward_flops(estimate.VIT_S16_DIMS, 224)
+    assert (parts["embed"] + parts["linear"] + parts["attention"]) / 1e9 == pytest.approx(9.2, rel=0.02)
+
+
+def test_mfu_arithmetic():
+    # 1e12 FLOPs in 0.01 s is 100 TFLOP/s: 10% of a 1000 TFLOP/s device
+    assert mfu(1e12, 0.01, 1000.0) == pytest.approx(0.10)
+    with pytest.raises(ValueError):
+        mfu(1e12, 0.0, 1000.0)
+
+
+def test_gpu_peak_table_matches_specific_parts_first():
+    assert gpu_peak_tflops("NVIDIA H100 80GB HBM3")[0] == pytest.approx(989.4)
+    assert gpu_peak_tflops("NVIDIA H100 PCIe")[0] == pytest.approx(756.5)
+    assert gpu_peak_tflops("NVIDIA H100 NVL")[0] == pytest.approx(835.5)
+    assert gpu_peak_tflops("NVIDIA H200")[0] == pytest.approx(989.4)
+    assert gpu_peak_tflops("Some Future GPU")[0] is None
+
+
+def test_summarize_median_spread_and_quartiles():
+    s = summarize([3.0, 1.0, 2.0, 10.0])
+    assert s["n"] == 4 and s["median"] == 2.5 and (s["min"], s["max"]) == (1.0, 10.0)
+    assert s["spread_pct"] == pytest.approx(100 * 9 / 2.5)
+    assert s["q1"] <= s["median"] <= s["q3"]
+    assert summarize([5.0])["spread_pct"] == 0.0
+    assert format_summary(summarize([0.010, 0.012, 0.011]), 1000, 1, " ms") == "11.0 ms (10.0-12.0, n=3)"
+    with pytest.raises(ValueError):
+        summarize([])
+
+
+def test_estimate_uses_the_assumption_until_a_gpu_was_measured():
+    rate = estimate.gpu_rate(None, None)
+    assert not rate["measured"] and "ESTIMATE" in rate["source"]
+    rows = estimate.estimate_rows(rate)
+    full = next(r for r in rows if r["images"] == 1_281_167)
+    # time scales as 1 / GPUs, and equals epochs x images / rate
+    assert full["hours"][8] == pytest.approx(full["hours"][1] / 8)
+    assert full["hours"][1] * 3600 == pytest.approx(100 * 1_281_167 / full["images_per_second_per_gpu"])
+    assert "Not measured on a GPU yet" in estimate.markdown(rows, rate)
+
+
+def test_estimate_prefers_the_best_measured_rate_on_a_gpu():
+    machine = {"gpu": {"name": "NVIDIA H100 80GB HBM3"}}
+    case = {"config": {"batch_size": 64, "device": "cuda"}, "strategies": {"attmask_high": {"achieved_tflops": 300.0}}}
+    step = {"machine": machine, "cases": {"vit_s16_multicrop": case}}
+    batch = {"machine": machine, "strategy": "attmask_high", "case": "vit_s16_multicrop",
+             "trials": [{"batch": 256, "ok": True, "achieved_tflops": 350.0}, {"batch": 512, "ok": False}]}
+    rate = estimate.gpu_rate(step, batch)
+    assert rate["measured"] and rate["tflops"] == 350.0 and "batch 256" in rate["source"]
+    assert estimate.gpu_rate(step, None)["tflops"] == 300.0
+    # a CPU dry run of the GPU harness never counts as a GPU rate
+    dry = {"machine": {"gpu": None}, "cases": {"vit_s16_multicrop": {**case, "config": {"batch_size": 8, "device": "cpu"}}}}
+    assert not estimate.gpu_rate(dry, {**batch, "machine": {"gpu": None}})["measured"]
+
+
+def test_readme_markers_are_replaced_and_required():
+    text = f"before\n{estimate.BEGIN}\nold table\n{estimate.END}\nafter\n"
+    new = estimate.replace_between_markers(text, "NEW")
+    assert "old table" not in new and "NEW" in new and new.startswith("before") and new.endswith("after\n")
+    with pytest.raises(ValueError):
+        estimate.replace_between_markers("no markers", "NEW")
+
+
+def _fake_case(device: str) -> dict:
+    step = summarize([0.10, 0.11, 0.12])
+    entry = {"step_seconds": step, "images_per_second": 64 / 0.11, "flops_per_step": 2e12,
+             "flops_by_op": {"aten.convolution": 1e10, "aten.mm": 1.99e12}, "achieved_tflops": 18.18, "mfu": 0.25,
+             "analytic_flops_per_step": {"total": 2e12}, "state_mib": 100.0,
+             "memory": {"training_peak_mib": 2048.0, "step_growth_mib": 1948.0}}
+    return {"config": {"batch_size": 64, "rounds": 3, "warmup_rounds": 1, "steps_per_sample": 1, "device": device,
+                       "autocast": "none", "global_size": 224, "local_size": 96, "local_number": 10, "compile": False},
+            "peak": {"tflops": 72.7, "source": "test peak"},
+            "strategies": {"random": entry, "attmask_high": entry},
+            "ratio_to_random": {"random": summarize([1.0]), "attmask_high": summarize([1.01, 1.02])},
+            "attmask_overhead_percent": {"attmask_high": 1.5}}
+
+
+def test_bench_md_renders_fabricated_results(tmp_path):
+    machine = {"cpu": "Test CPU", "cpu_count": 2, "usable_cpus": 2, "torch_threads": 2, "memory_gib": 8.0, "gpu": None,
+               "packages": {"torch": "9.9"}}
+    bench_dir, timing_dir = tmp_path / "bench", tmp_path / "timing"
+    bench_dir.mkdir()
+    timing_dir.mkdir()
+    (bench_dir / "pretrain_step.json").write_text(json.dumps(
+        {"machine": machine, "cases": {"vit_s16_multicrop": _fake_case("cpu")}}))
+    (timing_dir / "pretrain.json").write_text(json.dumps(
+        {"stage": "pretrain", "sacred_run": 3, "wall_seconds": 120.0, "machine": {"device": "cpu", "cpu_model": "Test CPU", "cpus": 2}}))
+    text = report.render(report.load_results(bench_dir, timing_dir))
+    assert "Test CPU" in text and "torch 9.9" in text
+    assert "110.0 ms (100.0-120.0, n=3)" in text  # the median with its range
+    assert "25.0%" in text  # MFU
+    assert "attmask_high +1.5%" in text
+    assert "0.5% of the step's FLOPs" in text  # channels-last argument from the counted convolution share
+    assert "| pretrain | 120.0 s | cpu | 3 |" in text and "Not measured yet: generate" in text
+    assert report.OWED in text  # no GPU results: owed, not invented
+    assert "Not measured on a GPU yet" in text
+
+
+def test_bench_md_renders_gpu_results_and_failures(tmp_path):
+    machine = {"cpu": "Host", "cpu_count": 16, "usable_cpus": 16, "torch_threads": 16, "memory_gib": 128.0,
+               "gpu": {"name": "NVIDIA H100 80GB HBM3", "count": 1, "memory_gib": 79.0}, "packages": {}}
+    case = _fake_case("cuda")
+    case["host_syncs"] = {"random": {"syncs_per_step": 0.0, "where": {}}}
+    (tmp_path / "gpu_step.json").write_text(json.dumps({"machine": machine, "cases": {"vit_s16_multicrop": case}}))
+    (tmp_path / "gpu_batch.json").write_text(json.dumps({"error": "failed: RuntimeError: boom", "machine": machine}))
+    text = report.render(report.load_results(tmp_path, tmp_path / "none"))
+    assert "GPU (NVIDIA H100 80GB HBM3)" in text and "2.0 GiB" in text and "random 0" in text
+    assert "The GPU run failed: `failed: RuntimeError: boom`" in text
+    assert "Measured rate" in text  # the estimate now uses the measured step
+    assert "Not measured yet: no `reports/timing" in text
+
+
+def test_interleaved_timing_collects_every_round_and_the_peak_probe():
+    from bench.bench_pretrain import ratios_to, time_interleaved
+
+    calls: list[str] = []
+
+    class FakeTrainer:
+        def __init__(self, name: str):
+            self.name = name
+
+        def train_step(self, crops, epoch, step):
+            calls.append(self.name)
+
+    trainers = {name: FakeTrainer(name) for name in ("random", "attmask_high", "block")}
+    probe_calls = []
+    measured = time_interleaved(trainers, [], rounds=4, warmup=1, steps_per_sample=2, device=torch.device("cpu"),
+                                count_flops=False, probe=lambda: probe_calls.append(1) or 1.0)
+    assert all(len(t) == 4 for t in measured["times"].values())
+    assert measured["peak_samples"] == [1.0] * 4 and len(probe_calls) == 4
+    assert len(calls) == 3 * 5 * 2  # strategies x (warm-up + timed rounds) x steps per sample
+    assert calls[:6:2] == ["random", "attmask_high", "block"] and calls[6:12:2] == ["attmask_high", "block", "random"]
+    assert ratios_to(measured["times"], "random")["random"]["median"] == 1.0
+
+
+def test_timing_section_lists_stages_with_run_dirs_and_the_total():
+    machine = {"cpu": "AMD EPYC", "cpus": 2, "threads": 2, "device": "cpu"}
+    timing = {stage: {"wall_seconds": seconds, "machine": machine,
+                      "sacred_run": {"stage": stage, "id": "3", "dir": f"runs/sacred/{stage}/3"}}
+              for stage, seconds in [("pretrain", 300.0), ("finetune", 60.0)]}
+    text = "\n".join(report.timing_section({"timing": timing}))
+    assert "| pretrain | 300.0 s | cpu | runs/sacred/pretrain/3 |" in text
+    assert "| **total** | **6.0 min** | | |" in text
+    assert "On AMD EPYC, 2 CPUs, 2 torch threads." in text
+    assert "Not measured yet: generate, shard, extract, knn, fewshot, linear, report." in text
+
+
+@pytest.mark.slow
+def test_gpu_harness_dry_run_writes_what_the_report_renders(tmp_path):
+    """`bench.gpu --dry-run` (CPU, tiny sizes) runs the GPU parts end to end; bench.md renders their files (~40 s)."""
+    from bench import gpu
+
+    status = gpu.main(["--dry-run", "--out", str(tmp_path), "correctness", "step", "batch", "compile"])
+    assert sorted(status) == ["batch", "compile", "correctness", "step"], status
+    assert all(value.startswith("ok (") for value in status.values()), status
+    results = report.load_results(tmp_path, tmp_path / "no-timing")
+    correctness = results["gpu_correctness"]
+    assert correctness["passed"] and set(correctness["strategies"]) == {"random", "attmask_high"}
+    assert results["gpu_batch"]["largest"] >= 8
+    text = report.render(results)
+    assert "*Dry run of the GPU harness on CPU, not GPU figures:* **bf16 vs float32 loss**" in text
+    assert "**Largest batch** (attmask_high)" in text and "**torch.compile** (attmask_high" in text

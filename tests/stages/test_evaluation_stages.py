@@ -1,0 +1,84 @@
+"""The knn, fewshot and linear stages on a small feature tree (stages/knn.py, fewshot.py, linear.py)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pipeline.core.config import params_from_dict
+from pipeline.core.files import rounded
+from pipeline.evaluation.feature_files import save_features
+from tests.evaluation.test_knn import blobs
+
+
+# -------------------------------------------------------------------------- stages
+
+
+def write_variant(root: Path, variant: str, classes: int, per_class: int, spread: float, dim: int = 8) -> None:
+    for split, seed, count in (("train", 0, per_class), ("val", 1, 5)):
+        data = blobs(classes=classes, per_class=count, dim=dim, seed=seed, spread=spread)
+        save_features(root / "data" / "features" / variant / f"{split}.npz", data)
+
+
+@pytest.fixture()
+def feature_tree(tmp_path, monkeypatch):
+    # 12 train images per class: k = 100/200 clamp, 20-shot is skipped
+    write_variant(tmp_path, "pretrained", classes=3, per_class=12, spread=0.3)
+    write_variant(tmp_path, "random_init", classes=3, per_class=12, spread=3.0)
+    write_variant(tmp_path, "pixels", classes=3, per_class=12, spread=3.0, dim=20)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.fixture(scope="module")
+def default_params():
+    return params_from_dict({})
+
+
+def test_knn_stage_writes_every_variant(feature_tree, default_params, capsys):
+    from stages import knn
+
+    result = knn.main(default_params)
+    written = json.loads((feature_tree / "reports" / "eval" / "knn.json").read_text())
+    assert set(written) == {"pretrained", "random_init", "pixels"}
+    assert set(written["pretrained"]["top1"]) == {"10", "20", "100", "200"}
+    assert written["pretrained"]["top1"]["10"] == 100.0
+    assert written["pretrained"]["clamped"] == {"100": 36, "200": 36}
+    assert written == rounded(result)  # the JSON is the returned result, rounded to 4 decimals
+    assert "pretrained" in capsys.readouterr().out
+    before = (feature_tree / "reports" / "eval" / "knn.json").read_bytes()
+    knn.main(default_params)
+    assert (feature_tree / "reports" / "eval" / "knn.json").read_bytes() == before
+
+
+def test_knn_stage_needs_pretrained_features(tmp_path, monkeypatch, default_params):
+    from stages import knn
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="pretrained/train.npz"):
+        knn.main(default_params)
+
+
+def test_fewshot_stage_writes_json_with_skipped_shots(feature_tree, default_params):
+    from stages import fewshot
+
+    with pytest.warns(UserWarning, match="few-shot 20"):
+        fewshot.main(default_params)
+    written = json.loads((feature_tree / "reports" / "eval" / "fewshot.json").read_text())
+    assert set(written) == {"pretrained", "random_init"}
+    assert set(written["pretrained"]) == {"1", "5", "10", "skipped"}
+    assert written["pretrained"]["skipped"] == {"20": "class 0 has 12 train images (3 classes have fewer than 20)"}
+    assert len(written["pretrained"]["1"]["runs"]) == default_params.fewshot.draws
+    assert written["pretrained"]["10"]["mean"] == 100.0
+
+
+def test_linear_stage_writes_json(feature_tree, default_params):
+    from stages import linear
+
+    linear.main(default_params)
+    written = json.loads((feature_tree / "reports" / "eval" / "linear.json").read_text())
+    assert set(written) == {"pretrained", "random_init"}
+    assert written["pretrained"]["top1"] == 100.0
+    assert set(written["pretrained"]["cv"]) == {"0.01", "0.1", "1", "10", "100"}
+    assert written["pretrained"]["C"] in (0.01, 0.1, 1.0, 10.0, 100.0)

@@ -1,0 +1,58 @@
+"""The metrics and report stages: byte-identical outputs, timing carried over (stages/metrics.py, report.py)."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.core.config import params_from_dict
+from pipeline.method.backbone_export import random_backbone_state, save_backbone_safetensors
+from tests.conftest import REPO, tiny_params_dict
+from tests.reporting.test_readme import write_inputs
+
+# ----------------------------------------------------------------------------- stage
+def test_stage_outputs_are_byte_identical_on_rerun(
+    tiny_folder: Path, tiny_shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The DVC outputs (figures, report.json) repeat byte for byte; README.md is rewritten too."""
+    import stages.report as stage
+
+    raw = tiny_params_dict(tiny_folder, model={"patch_size": 4})
+    p = params_from_dict(raw)
+    shutil.copytree(tiny_shards, tmp_path / "data" / "shards")
+    save_backbone_safetensors(random_backbone_state(p.model, 0), tmp_path / "models/pretrain/backbone.safetensors")
+    write_inputs(tmp_path / "reports", skip=("manifest",))
+    (tmp_path / "reports/pretrain/steps.csv").write_text(
+        "step,epoch,loss_total,loss_cls,loss_patch,masked_share\n0,0,5,3,2,0.1\n1,0,4,3,1,0.2\n")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    shutil.copy(REPO / "dvc.yaml", tmp_path / "dvc.yaml")
+    (tmp_path / "reports/timing").mkdir()
+    (tmp_path / "reports/timing/pretrain.json").write_text(json.dumps({"stage": "pretrain", "sacred_run": 7, "wall_seconds": 5.0}))
+    monkeypatch.chdir(tmp_path)
+
+    def outputs() -> dict[str, bytes]:
+        stage.main(p)
+        files = sorted(Path("reports/figures").glob("*.png")) + [Path("reports/report.json")]
+        return {str(f): f.read_bytes() for f in files}
+
+    first = outputs()
+    assert set(first) == {"reports/figures/masks.png", "reports/figures/losses.png",
+                          "reports/figures/masked_share.png", "reports/report.json"}
+    assert outputs() == first
+    readme = Path("reports/README.md").read_text()
+    assert "![masks](figures/masks.png)" in readme and "`runs/sacred/pretrain/7`" in readme
+    assert "| shard | not recorded |" in readme
+
+
+def test_metrics_carry_pretrain_throughput_from_the_timing_file(tmp_path: Path) -> None:
+    from pipeline.reporting.metrics import collect_metrics
+
+    eval_dir, pretrain_dir, _ = write_inputs(tmp_path)
+    timing = {"stage": "pretrain", "wall_seconds": 487.5, "images_per_second": 32.5}
+    metrics = collect_metrics(eval_dir, pretrain_dir, timing=timing)
+    assert metrics["pretrain"]["images_per_second"] == 32.5
+    assert metrics["pretrain"]["wall_seconds"] == 487.5
+    assert "images_per_second" not in collect_metrics(eval_dir, pretrain_dir)["pretrain"]
