@@ -4,13 +4,13 @@ Run: ``.venv/bin/python -m bench.bench_data``; writes ``reports/bench/data.json`
 Builds a small ImageNet-layout folder (JPEG, 96x96 px: the cost is per-image
 overhead plus decoding) in a temp dir, then times
 
-- writing: :func:`pipeline.data.write_shards` (full decode check + tar writing),
+- writing: :func:`pipeline.data.shard_writer.write_shards` (full decode check + tar writing),
   with the check in-process and in a 2-process pool;
-- opening: :func:`pipeline.shards.open_split` (SHA-256 verification + tar index);
-- loading: a DataLoader over :class:`pipeline.shards.ShardDataset` (read, decode,
+- opening: :func:`pipeline.data.shard_reader.open_split` (SHA-256 verification + tar index);
+- loading: a DataLoader over :class:`pipeline.data.shard_reader.ShardDataset` (read, decode,
   RGB, to tensor) with ``num_workers`` 0 and 2;
 - the training data path, per worker process: shard read + decode + DINO
-  multi-crop augmentation (:class:`pipeline.augment.MultiCropAugmentation`) at
+  multi-crop augmentation (:class:`pipeline.data.augment.MultiCropAugmentation`) at
   the paper's sizes (500x375 px JPEGs, the typical ImageNet photo, to 2 x 224 +
   10 x 96 px crops) and at the embedded ones (48 px PNGs to 2 x 32 + 4 x 16 px).
   Rates are steady state: timed from the first batch to the last, so worker
@@ -34,11 +34,11 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from pipeline.core.config import AugmentConfig
+from pipeline.data.augment import MultiCropAugmentation
+from pipeline.data.shard_reader import ShardDataset, open_split
+from pipeline.data.shard_writer import write_shards
 from bench.stats import summarize
-from pipeline.augment import MultiCropAugmentation
-from pipeline.config import AugmentConfig
-from pipeline.data import write_shards
-from pipeline.shards import ShardDataset, open_split
 
 CLASSES = 10
 TRAIN_PER_CLASS = 150

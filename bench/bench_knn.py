@@ -1,4 +1,4 @@
-"""Weighted k-NN at ImageNet scale: time and peak memory of :func:`pipeline.evaluation.weighted_knn`.
+"""Weighted k-NN at ImageNet scale: time and peak memory of :func:`pipeline.evaluation.knn.weighted_knn`.
 
 Run: ``.venv/bin/python -m bench.bench_knn [--quick] [--device cuda]``; writes
 ``reports/bench/knn.json`` (``knn_cuda.json`` on CUDA, ``--out`` to change).
@@ -27,9 +27,9 @@ from typing import Any
 
 import torch
 
+from pipeline.core.seeding import make_generator
+from pipeline.evaluation.knn import weighted_knn
 from bench.memory import PeakMemory
-from pipeline.evaluation import weighted_knn
-from pipeline.seeding import make_generator
 
 OUTPUT = Path("reports/bench/knn.json")
 DIM = 384

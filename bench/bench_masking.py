@@ -14,9 +14,10 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config import MASKING_STRATEGIES, MaskingConfig
-from pipeline.masking import generate_masks
-from pipeline.seeding import make_generator
+from pipeline.core.config import MaskingConfig
+from pipeline.core.seeding import make_generator
+from pipeline.core.strategies import MASKING_STRATEGIES
+from pipeline.method.masking import generate_masks
 
 BATCH = 64
 GRIDS = ((8, 8), (14, 14))

@@ -5,7 +5,7 @@
 Two cases: ``embedded`` (params.yaml as it is: the CPU default) and
 ``vit_s16_multicrop``, the paper's setting (ViT-S/16 at 224 px, 2 global + 10
 local 96 px crops, iBOT head with 8192 prototypes). Per case one
-:class:`pipeline.training.Pretrainer` per strategy is fed the same fixed
+:class:`pipeline.method.training.Pretrainer` per strategy is fed the same fixed
 random crops, and ``train_step`` is timed in interleaved rounds (strategy order
 rotated each round) so machine noise hits all strategies alike; AttMask's
 overhead is the per-round ratio of its step time to ``random``'s, summarised
@@ -37,15 +37,16 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pipeline.core.config import load_params, params_from_dict, params_to_dict
+from pipeline.core.distributed import DistContext
+from pipeline.core.seeding import configure_determinism
+from pipeline.core.strategies import MASKING_STRATEGIES
+from pipeline.data.shard_writer import build_shards
+from pipeline.method.training import Pretrainer, PretrainPaths
 from bench.flops import NetworkDims, analytic_step_flops, count_train_step, mfu
 from bench.machine import MatmulProbe, device_peak, machine_info, measure_matmul_tflops
 from bench.memory import PeakMemory, rss_kib, reset_rss_peak, tensor_mib
 from bench.stats import summarize
-from pipeline.config import MASKING_STRATEGIES, load_params, params_from_dict, params_to_dict
-from pipeline.data import build_shards
-from pipeline.distributed import DistContext
-from pipeline.seeding import configure_determinism
-from pipeline.training import Pretrainer, PretrainPaths
 
 REPORT = Path("reports/bench/pretrain_step.json")
 VIT_S16 = {"arch": "vit_small_patch16_224", "patch_size": 16, "img_size": 224, "depth": 12, "embed_dim": 384,

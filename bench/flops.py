@@ -62,7 +62,7 @@ class NetworkDims:
 
     @classmethod
     def of(cls, network: torch.nn.Module) -> "NetworkDims":
-        """Read the dims off a built :class:`pipeline.model.IBOTNetwork` (timm fills what params leave unset)."""
+        """Read the dims off a built :class:`pipeline.method.model.IBOTNetwork` (timm fills what params leave unset)."""
         vit, head = network.backbone.vit, network.head
         return cls(patch_size=vit.patch_embed.patch_size[0], embed_dim=vit.embed_dim, depth=len(vit.blocks),
                    mlp_hidden=vit.blocks[0].mlp.fc1.out_features, prefix_tokens=vit.num_prefix_tokens,

@@ -43,16 +43,16 @@ from typing import Any, Callable
 
 import torch
 
+from pipeline.core.config import params_from_dict
+from pipeline.core.distributed import DistContext
+from pipeline.core.seeding import configure_determinism
+from pipeline.method.training import Pretrainer, PretrainPaths
 from bench import bench_data, bench_knn
 from bench.bench_pretrain import case_params, fixed_crops, run_case, write_noise_shards
 from bench.flops import NetworkDims, analytic_step_flops
 from bench.machine import device_peak, machine_info, measure_matmul_tflops
 from bench.memory import PeakMemory, tensor_mib
 from bench.stats import summarize
-from pipeline.config import params_from_dict
-from pipeline.distributed import DistContext
-from pipeline.seeding import configure_determinism
-from pipeline.training import Pretrainer, PretrainPaths
 
 PARTS = ("correctness", "step", "batch", "data", "knn", "compile")
 OUTPUTS = {"correctness": "gpu_correctness.json", "step": "gpu_step.json", "batch": "gpu_batch.json",
@@ -259,7 +259,7 @@ def knn(settings: Settings, out: Path) -> dict[str, Any]:
 
 def compile_speedup(settings: Settings, strategy: str = "attmask_high") -> dict[str, Any]:
     """Eager vs ``pretrain.compile: true``: first-steps (compile) time and interleaved steady-state step time."""
-    import pipeline.training as training
+    import pipeline.method.training as training
 
     device = settings.device
     previous = training.COMPILE_BACKEND

@@ -4,7 +4,7 @@
 
 The GPU image has torch, timm, torchvision, numpy, PIL, yaml, tqdm and
 safetensors (/work/.library/device/KINDS.md) but not webdataset (imported by
-pipeline.data) nor its dependency braceexpand. Both are pure Python, so the
+pipeline.data.shard_writer) nor its dependency braceexpand. Both are pure Python, so the
 venv's copies work there under its Python 3.12; their dist-info travels too so
 that version look-ups work. build/ is git-ignored, as `carry` requires.
 """

@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 
+from pipeline.core.tracking import cpu_model
 from bench.stats import summarize
-from pipeline.tracking import cpu_model
 
 PACKAGES = ("torch", "torchvision", "timm", "webdataset", "numpy", "pillow", "scikit-learn")
 

@@ -1,4 +1,4 @@
-"""Difficulty calibration of the embedded dataset (pipeline/synthetic.py).
+"""Difficulty calibration of the embedded dataset (pipeline/data/synthetic.py).
 
     .venv/bin/python -m bench.synthetic_reference [--model cnn|vit|both|none] [--cnn-epochs 30]
 
@@ -30,8 +30,8 @@ from sklearn.neighbors import KNeighborsClassifier
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from pipeline.config import SyntheticConfig
-from pipeline.synthetic import render, split_sizes
+from pipeline.core.config import SyntheticConfig
+from pipeline.data.synthetic import render, split_sizes
 
 
 def render_split(config: SyntheticConfig, seed: int, split: str) -> tuple[np.ndarray, np.ndarray]:
