@@ -30,12 +30,14 @@ def tiny_params_dict(root: Path, **sections: dict[str, Any]) -> dict[str, Any]:
     """A CPU-second-sized configuration; ``sections`` override keys per section."""
     raw: dict[str, Any] = {
         "data": {"source": "imagefolder", "root": str(root), "shard_size": 10},
-        "model": {"img_size": 16, "embed_dim": 32, "depth": 2, "num_heads": 2, "out_dim": 64,
+        "model": {"patch_size": 4, "img_size": 16, "embed_dim": 32, "depth": 2, "num_heads": 2, "out_dim": 64,
                   "head_hidden_dim": 64, "head_bottleneck_dim": 32},
         "augment": {"global_size": 16, "local_size": 8, "local_number": 2},
         "masking": {"strategy": "attmask_high"},
-        "pretrain": {"epochs": 2, "batch_size": 8, "num_workers": 0, "warmup_epochs": 1,
-                     "warmup_teacher_temp_epochs": 1, "checkpoint_every": 1, "log_every": 2},
+        # the paper's recipe (EMA centring, no KoLeo), as the tests' expected values were computed with
+        "pretrain": {"epochs": 2, "batch_size": 8, "num_workers": 0, "warmup_epochs": 1, "lr": 5e-4,
+                     "momentum_teacher": 0.99, "teacher_temp": 0.07, "warmup_teacher_temp_epochs": 1,
+                     "centering": "ema", "koleo_weight": 0.0, "eval_every": 0, "checkpoint_every": 1, "log_every": 2},
     }
     for section, values in sections.items():
         raw.setdefault(section, {}).update(values)

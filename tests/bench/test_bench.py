@@ -13,7 +13,7 @@ from bench.flops import NetworkDims, analytic_step_flops, counted_by_op, flop_co
 from bench.machine import gpu_peak_tflops
 from bench.stats import format_summary, summarize
 
-TINY = ModelConfig(img_size=16, embed_dim=32, depth=2, num_heads=2, out_dim=64, head_hidden_dim=64, head_bottleneck_dim=32)
+TINY = ModelConfig(patch_size=4, img_size=16, embed_dim=32, depth=2, num_heads=2, out_dim=64, head_hidden_dim=64, head_bottleneck_dim=32)
 
 
 def counted_step(network: torch.nn.Module, batch: int, global_size: int, local_size: int, local_number: int,

@@ -69,3 +69,17 @@ def test_timm_shape_only_lists_set_keys():
 def test_missing_file_is_named(tmp_path):
     with pytest.raises(ParamsError, match="params file not found"):
         load_params(tmp_path / "nope.yaml")
+
+
+def test_dataclass_defaults_are_params_yaml():
+    """One set of defaults: a key left out of params.yaml means the value params.yaml ships with."""
+    def flat(tree: dict, prefix: str = "") -> dict:
+        out = {}
+        for key, value in tree.items():
+            out.update(flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+        return out
+
+    shipped = flat(params_to_dict(load_params(REPO / "params.yaml")))
+    defaults = flat(params_to_dict(params_from_dict({})))
+    differ = {k: (defaults.get(k), v) for k, v in shipped.items() if defaults.get(k) != v}
+    assert not differ, f"dataclass default vs params.yaml: {differ}"

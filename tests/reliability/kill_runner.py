@@ -71,9 +71,9 @@ class _HalfWriter:
 
 def kill_in_checkpoint_write(n: int) -> None:
     """Die half-way through the n-th write of ``checkpoint.pt`` (its temporary file)."""
-    import pipeline.method.checkpoint as checkpoint
+    import pipeline.core.files as files  # the atomic writer checkpoints go through
 
-    real_os = checkpoint.os
+    real_os = files.os
     count = {"n": 0}
 
     class OsProxy:
@@ -88,7 +88,7 @@ def kill_in_checkpoint_write(n: int) -> None:
                     return _HalfWriter(handle)
             return handle
 
-    checkpoint.os = OsProxy()  # type: ignore[assignment]
+    files.os = OsProxy()  # type: ignore[assignment]
 
 
 def kill_at_shard_sample(n: int) -> None:

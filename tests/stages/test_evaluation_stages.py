@@ -80,5 +80,5 @@ def test_linear_stage_writes_json(feature_tree, default_params):
     written = json.loads((feature_tree / "reports" / "eval" / "linear.json").read_text())
     assert set(written) == {"pretrained", "random_init"}
     assert written["pretrained"]["top1"] == 100.0
-    assert set(written["pretrained"]["cv"]) == {"0.01", "0.1", "1", "10", "100"}
-    assert written["pretrained"]["C"] in (0.01, 0.1, 1.0, 10.0, 100.0)
+    assert set(written["pretrained"]["cv"]) == {"0.1", "1", "10", "100", "1000"}
+    assert written["pretrained"]["C"] in (0.1, 1.0, 10.0, 100.0, 1000.0)
