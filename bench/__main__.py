@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench import report
+from bench import render
 
 BENCHES = ("data", "masking", "pretrain_step", "knn")
 RUN_RECORD = Path("reports/bench/run.json")
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
         # bench.md says whether its CPU figures come from a smoke run
         record = {"quick": args.quick, "seconds": seconds}
         RUN_RECORD.write_text(json.dumps(record, indent=2) + "\n")
-    report.main([])
+    render.main([])
 
 
 if __name__ == "__main__":

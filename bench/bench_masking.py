@@ -1,7 +1,7 @@
 """Time per call of each masking strategy (batch 64 on 8x8 and 14x14 grids).
 
 Run: ``.venv/bin/python -m bench.bench_masking``; writes ``reports/bench/masking.json``.
-AttMask must cost (almost) nothing over random masking (DESIGN.md, "Masks"), so
+AttMask must cost (almost) nothing over random masking (docs/method.md, "Masks"), so
 the report also gives each strategy's overhead over ``random`` in microseconds.
 """
 from __future__ import annotations

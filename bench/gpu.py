@@ -343,7 +343,7 @@ def run_parts(parts: list[str], settings: Settings, out: Path, budget_s: float) 
     print("== summary")
     for part, line in status.items():
         print(f"  {part:12s} {line}")
-    print("copy the JSON files into reports/bench/, then: .venv/bin/python -m bench.report --readme")
+    print("copy the JSON files into reports/bench/, then: .venv/bin/python -m bench.render --readme")
     return status
 
 

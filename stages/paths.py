@@ -19,3 +19,7 @@ PRETRAIN_REPORTS = REPORTS / "pretrain"
 EVAL_REPORTS = REPORTS / "eval"
 METRICS = REPORTS / "metrics.json"
 TIMING = REPORTS / "timing"
+
+# Written but deliberately not DVC outputs: clock readings (wall times differ per run), and the
+# shards of a user's fine-tuning folder (finetune.data_root), rebuilt from that folder when needed.
+UNDECLARED = (TIMING, FINETUNE_SHARDS)

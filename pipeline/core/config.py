@@ -123,7 +123,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class MaskingConfig:
-    """Which patch tokens the student must reconstruct (DESIGN.md, "Masks")."""
+    """Which patch tokens the student must reconstruct (docs/method.md, "Masks")."""
 
     strategy: StrategyName = "attmask_high"
     ratio: float = 0.3
@@ -146,7 +146,7 @@ class MaskingConfig:
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    """Multi-crop views (DESIGN.md, "Views"). Sizes in pixels."""
+    """Multi-crop views (docs/method.md, "Views"). Sizes in pixels."""
 
     global_size: int = 32
     global_scale: tuple[float, float] = (0.25, 1.0)
@@ -170,7 +170,7 @@ class AugmentConfig:
 
 @dataclass(frozen=True)
 class PretrainConfig:
-    """iBOT optimisation (DESIGN.md, "Loss" and "Optimisation")."""
+    """iBOT optimisation (docs/method.md, "Loss" and "Optimisation")."""
 
     epochs: int = 8
     batch_size: int = 128
@@ -230,7 +230,7 @@ class PretrainConfig:
 
 @dataclass(frozen=True)
 class ExtractConfig:
-    """Frozen teacher features for evaluation (DESIGN.md, "Evaluation")."""
+    """Frozen teacher features for evaluation (docs/method.md, "Evaluation")."""
 
     image_size: int | None = None  # None: augment.global_size
     batch_size: int = 256

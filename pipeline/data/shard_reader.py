@@ -43,7 +43,6 @@ from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from pipeline.core.errors import UserError
-from pipeline.core.files import sha256_file
 from pipeline.core.seeding import derive_seed, make_generator
 from pipeline.data.shard_writer import DEFAULT_MAX_PIXELS, MANIFEST_FORMAT, MANIFEST_NAME, SPLITS, to_rgb
 
@@ -126,26 +125,6 @@ def shard_entries(manifest: dict[str, Any], split: str) -> list[ShardEntry]:
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {list(SPLITS)}")
     return [ShardEntry(**s) for s in manifest["shards"] if s["split"] == split]
-
-
-def verify_shards(shard_dir: str | Path, entries: list[ShardEntry]) -> None:
-    """Check each shard's size and SHA-256 against the manifest.
-
-    Raises:
-        ShardIntegrityError: naming the first missing or altered shard.
-    """
-    for entry in entries:
-        path = Path(shard_dir) / entry.name
-        if not path.is_file():
-            raise ShardIntegrityError(f"{path}: shard {entry.name} listed in the manifest is missing")
-        size = path.stat().st_size
-        if size != entry.size:
-            raise ShardIntegrityError(f"{path}: shard {entry.name} has {size} bytes, manifest says {entry.size}")
-        digest = sha256_file(path)
-        if digest != entry.sha256:
-            raise ShardIntegrityError(
-                f"{path}: shard {entry.name} sha256 {digest} does not match the manifest's {entry.sha256}"
-            )
 
 
 def webdataset_urls(shard_dir: str | Path, split: str) -> list[str]:

@@ -1,4 +1,4 @@
-"""Frozen features for evaluation (the `extract` stage; DESIGN.md, "Evaluation").
+"""Frozen features for evaluation (the `extract` stage; docs/method.md, "Evaluation").
 
 For each split (train = the selected subset, val = complete) and each variant,
 one pass over the split in its own order (no shuffle) with the centre-crop

@@ -1,4 +1,4 @@
-"""End-to-end fine-tuning of the pre-trained backbone (the `finetune` stage; DESIGN.md, "Evaluation").
+"""End-to-end fine-tuning of the pre-trained backbone (the `finetune` stage; docs/method.md, "Evaluation").
 
 The same code path runs twice: from the exported teacher backbone
 (``pretrained``) and from the ``random_init`` baseline weights of

@@ -1,4 +1,4 @@
-"""The iBOT self-distillation loss (DESIGN.md, "Loss"), as the official iBOT code.
+"""The iBOT self-distillation loss (docs/method.md, "Loss"), as the official iBOT code.
 
 Notation: ``G`` global crops, ``L`` local crops, ``B`` images per crop on this
 rank, ``K`` output dimension, ``P = h * w`` patch tokens of a global crop. Rows

@@ -1,4 +1,4 @@
-"""The five masking strategies (DESIGN.md, "Masks").
+"""The five masking strategies (docs/method.md, "Masks").
 
 A mask is a boolean tensor ``(B, H, W)`` over the patch grid, ``True`` = masked
 (the student sees the mask token there). For every image:

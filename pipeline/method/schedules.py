@@ -1,4 +1,4 @@
-"""Per-step and per-epoch training schedules (DESIGN.md, "Optimisation" and "Loss").
+"""Per-step and per-epoch training schedules (docs/method.md, "Optimisation" and "Loss").
 
 All schedules are plain float64 numpy arrays computed once up front, so a
 value is a pure function of (config, step) and a resumed run reads exactly the

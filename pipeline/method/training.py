@@ -1,4 +1,4 @@
-"""iBOT pre-training with a masking strategy (DESIGN.md, "The method, precisely").
+"""iBOT pre-training with a masking strategy (docs/method.md).
 
 One training step::
 

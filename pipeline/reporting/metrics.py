@@ -62,7 +62,7 @@ def collect_metrics(eval_dir: Path, pretrain_dir: Path, variant: str = "pretrain
         "final_loss_patch": pretrain["final_loss_patch"],
         "masked_share": pretrain["masked_share"],
     }
-    if timing is not None:  # DESIGN.md's public keys; absent when pretrain ran without a record
+    if timing is not None:  # the public keys, README "The pipeline"; absent when pretrain ran without a record
         metrics["pretrain"]["images_per_second"] = timing.get("images_per_second")
         metrics["pretrain"]["wall_seconds"] = timing.get("wall_seconds")
     metrics["baselines"] = {name: evaluations(name) for name in ("random_init", "pixels") if evaluations(name)}

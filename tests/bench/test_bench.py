@@ -8,7 +8,7 @@ import torch
 
 from pipeline.core.config import ModelConfig
 from pipeline.method.model import build_network
-from bench import estimate, report
+from bench import estimate, render
 from bench.flops import NetworkDims, analytic_step_flops, counted_by_op, flop_counter, mfu
 from bench.machine import gpu_peak_tflops
 from bench.stats import format_summary, summarize
@@ -140,14 +140,14 @@ def test_bench_md_renders_fabricated_results(tmp_path):
         {"machine": machine, "cases": {"vit_s16_multicrop": _fake_case("cpu")}}))
     (timing_dir / "pretrain.json").write_text(json.dumps(
         {"stage": "pretrain", "sacred_run": 3, "wall_seconds": 120.0, "machine": {"device": "cpu", "cpu_model": "Test CPU", "cpus": 2}}))
-    text = report.render(report.load_results(bench_dir, timing_dir))
+    text = render.render(render.load_results(bench_dir, timing_dir))
     assert "Test CPU" in text and "torch 9.9" in text
     assert "110.0 ms (100.0-120.0, n=3)" in text  # the median with its range
     assert "25.0%" in text  # MFU
     assert "attmask_high +1.5%" in text
     assert "0.5% of the step's FLOPs" in text  # channels-last argument from the counted convolution share
     assert "| pretrain | 120.0 s | cpu | 3 |" in text and "Not measured yet: generate" in text
-    assert report.OWED in text  # no GPU results: owed, not invented
+    assert render.OWED in text  # no GPU results: owed, not invented
     assert "Not measured on a GPU yet" in text
 
 
@@ -158,7 +158,7 @@ def test_bench_md_renders_gpu_results_and_failures(tmp_path):
     case["host_syncs"] = {"random": {"syncs_per_step": 0.0, "where": {}}}
     (tmp_path / "gpu_step.json").write_text(json.dumps({"machine": machine, "cases": {"vit_s16_multicrop": case}}))
     (tmp_path / "gpu_batch.json").write_text(json.dumps({"error": "failed: RuntimeError: boom", "machine": machine}))
-    text = report.render(report.load_results(tmp_path, tmp_path / "none"))
+    text = render.render(render.load_results(tmp_path, tmp_path / "none"))
     assert "GPU (NVIDIA H100 80GB HBM3)" in text and "2.0 GiB" in text and "random 0" in text
     assert "The GPU run failed: `failed: RuntimeError: boom`" in text
     assert "Measured rate" in text  # the estimate now uses the measured step
@@ -193,7 +193,7 @@ def test_timing_section_lists_stages_with_run_dirs_and_the_total():
     timing = {stage: {"wall_seconds": seconds, "machine": machine,
                       "sacred_run": {"stage": stage, "id": "3", "dir": f"runs/sacred/{stage}/3"}}
               for stage, seconds in [("pretrain", 300.0), ("finetune", 60.0)]}
-    text = "\n".join(report.timing_section({"timing": timing}))
+    text = "\n".join(render.timing_section({"timing": timing}))
     assert "| pretrain | 300.0 s | cpu | runs/sacred/pretrain/3 |" in text
     assert "| **total** | **6.0 min** | | |" in text
     assert "On AMD EPYC, 2 CPUs, 2 torch threads." in text
@@ -208,10 +208,10 @@ def test_gpu_harness_dry_run_writes_what_the_report_renders(tmp_path):
     status = gpu.main(["--dry-run", "--out", str(tmp_path), "correctness", "step", "batch", "compile"])
     assert sorted(status) == ["batch", "compile", "correctness", "step"], status
     assert all(value.startswith("ok (") for value in status.values()), status
-    results = report.load_results(tmp_path, tmp_path / "no-timing")
+    results = render.load_results(tmp_path, tmp_path / "no-timing")
     correctness = results["gpu_correctness"]
     assert correctness["passed"] and set(correctness["strategies"]) == {"random", "attmask_high"}
     assert results["gpu_batch"]["largest"] >= 8
-    text = report.render(results)
+    text = render.render(results)
     assert "*Dry run of the GPU harness on CPU, not GPU figures:* **bf16 vs float32 loss**" in text
     assert "**Largest batch** (attmask_high)" in text and "**torch.compile** (attmask_high" in text

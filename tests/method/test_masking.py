@@ -1,4 +1,4 @@
-"""The five masking strategies (DESIGN.md, "Masks"): counts, semantics, determinism, errors."""
+"""The five masking strategies (docs/method.md, "Masks"): counts, semantics, determinism, errors."""
 from __future__ import annotations
 
 import math
