@@ -335,24 +335,3 @@ def test_scan_orders_classes_and_files_like_imagefolder(tmp_path):
     assert [f.label for f in scan.files["val"]["b"]] == [1]
 
 
-def test_replace_dir_swaps_folders_and_replaces_a_symlink_not_its_target(tmp_path):
-    from pipeline.core.files import replace_dir
-
-    elsewhere = tmp_path / "elsewhere"
-    elsewhere.mkdir()
-    (elsewhere / "keep.txt").write_text("user data")
-    target = tmp_path / "out"
-    for content in ("first", "second"):
-        new = tmp_path / f".out.tmp-{content}"
-        new.mkdir()
-        (new / "a.txt").write_text(content)
-        replace_dir(new, target)
-        assert (target / "a.txt").read_text() == content and not new.exists()
-    target_link = tmp_path / "linked"
-    target_link.symlink_to(elsewhere, target_is_directory=True)
-    new = tmp_path / ".linked.tmp"
-    new.mkdir()
-    replace_dir(new, target_link)
-    assert target_link.is_dir() and not target_link.is_symlink()
-    assert (elsewhere / "keep.txt").read_text() == "user data"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere", "linked", "out"]

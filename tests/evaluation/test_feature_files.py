@@ -6,7 +6,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.core.files import write_json
 from pipeline.evaluation.feature_files import FeatureFileError, load_features
 
 
@@ -57,6 +56,3 @@ def test_load_features_missing_file_and_arrays(tmp_path):
         load_features(tmp_path / "junk.npz")
 
 
-def test_write_json_is_rounded_and_sorted(tmp_path):
-    write_json({"b": 1 / 3, "a": [2 / 3, 1]}, tmp_path / "out" / "x.json", decimals=4)
-    assert (tmp_path / "out" / "x.json").read_text() == '{\n  "a": [\n    0.6667,\n    1\n  ],\n  "b": 0.3333\n}\n'
