@@ -34,10 +34,11 @@ def main(params: Params, record: RunRecord | None = None, progress_bar: bool = T
                 record.add_timing(images_per_second=summary["images_per_second"], loop_seconds=summary["wall_seconds"],
                                   resumed=summary["resumed"])
                 record.add_timing_table("throughput", ("step", "images_per_second"), summary["throughput"])
+            rate = summary["images_per_second"]
             print(
                 f"pretrain: {summary['epochs']} epochs, {summary['steps']} steps, loss "
                 f"{summary['first_epoch_loss']:.4f} -> {summary['final_loss']:.4f}, "
-                f"{summary['images_per_second']:.1f} images/s, {summary['wall_seconds']:.0f} s"
+                + (f"{rate:.1f} images/s, {summary['wall_seconds']:.0f} s" if rate else "nothing left to train")
             )
         return {k: v for k, v in summary.items() if k != "throughput"}
     finally:

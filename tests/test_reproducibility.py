@@ -34,8 +34,9 @@ TINY: dict[str, Any] = {
     "model": {"img_size": 16, "embed_dim": 32, "depth": 2, "num_heads": 2, "out_dim": 64, "head_hidden_dim": 64,
               "head_bottleneck_dim": 32},
     "augment": {"global_size": 16, "local_size": 8, "local_number": 2},
+    # resume never: a forced rerun really recomputes (auto would continue the finished run: nothing to do)
     "pretrain": {"epochs": 1, "batch_size": 8, "num_workers": 1, "warmup_epochs": 0, "warmup_teacher_temp_epochs": 0,
-                 "checkpoint_every": 1, "log_every": 1, "device": "cpu"},
+                 "checkpoint_every": 1, "log_every": 1, "device": "cpu", "resume": "never"},
     "extract": {"batch_size": 16, "num_workers": 1, "device": "cpu"},
     "knn": {"k": [2, 4]},
     "fewshot": {"shots": [1, 2], "draws": 2, "k": 2},
@@ -136,3 +137,33 @@ def test_push_clone_pull_restores_results_without_rerunning(reproduced: tuple[Pa
         assert (clone / name).read_bytes() == (repo / name).read_bytes(), name
     assert json.loads(dvc(clone, "status", "--json") or "{}") == {}, "dvc status is not clean after dvc pull"
     assert not (clone / "runs").exists(), "a stage ran in the clone"
+
+
+def test_a_killed_pretrain_continues_on_a_plain_dvc_repro(tmp_path: Path) -> None:
+    """SIGKILL in the middle of pre-training, then a plain ``dvc repro``: it resumes on its own (resume: auto),
+    and the outputs and dvc.lock equal those of an uninterrupted run."""
+    import signal
+    import time
+
+    longer = {"pretrain": {"epochs": 3, "batch_size": 4, "checkpoint_every_steps": 1, "resume": "auto"}}
+    plain = copy_repository(tmp_path / "plain", **longer)
+    dvc(plain, "repro", "pretrain")
+    killed = copy_repository(tmp_path / "killed", **longer)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ATTMASK_")}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    process = subprocess.Popen([str(Path(sys.executable).parent / "dvc"), "repro", "pretrain"], cwd=killed, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    checkpoint = killed / "models" / "pretrain" / "checkpoint.pt"
+    deadline = time.monotonic() + 300
+    while not checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert process.poll() is None, "pre-training ended before it could be killed"
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (killed / "models" / "pretrain" / "backbone.safetensors").exists(), "killed after the end, not mid-run"
+    out = dvc(killed, "repro", "pretrain")
+    assert "resuming this run" in out
+    assert (killed / "dvc.lock").read_text() == (plain / "dvc.lock").read_text()
+    for name in ("models/pretrain/checkpoint.pt", "models/pretrain/backbone.safetensors", "reports/pretrain/steps.csv",
+                 "reports/pretrain/knn.csv", "reports/pretrain/metrics.json"):
+        assert (killed / name).read_bytes() == (plain / name).read_bytes(), name

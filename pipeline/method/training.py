@@ -14,7 +14,9 @@ replays exactly what an uninterrupted one does.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 import math
 import os
 import shutil
@@ -30,14 +32,16 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from pipeline.core.config import Params, ParamsError, params_to_dict
-from pipeline.core.distributed import DistContext, all_reduce_sum, gather_rows
+from pipeline.core.config import NOT_OUTPUT_KEYS, Params, ParamsError, params_to_dict
+from pipeline.core.distributed import DistContext, all_reduce_sum, barrier, gather_rows
 from pipeline.core.errors import UserError
-from pipeline.core.files import atomic_write_text, write_json
+from pipeline.core.files import atomic_write_text, sha256_file, write_json
 from pipeline.core.seeding import configure_determinism, derive_seed, make_generator
+from pipeline.core.strategies import BY_NAME
 from pipeline.core.tracking import RunRecord
 from pipeline.data.augment import MultiCropAugmentation
 from pipeline.data.shard_reader import ShardDataset, ShardSplit, open_split
+from pipeline.data.shard_writer import MANIFEST_NAME
 from pipeline.method.backbone_export import save_backbone_safetensors
 from pipeline.method.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from pipeline.method.loss import IBOTLoss, koleo_loss
@@ -45,12 +49,13 @@ from pipeline.method.masking import generate_masks
 from pipeline.method.model import IBOTNetwork, backbone_state_dict, build_network
 from pipeline.method.schedules import TrainingSchedules
 
-CHECKPOINT_FORMAT = 1
-# pretrain keys that change how a run is executed or logged, not what it computes:
-# a checkpoint ignores them, so a resumed run may change them and still match.
-# compile and fused_adamw pick other kernels for the same maths, like device.
-RUN_CONTROL_KEYS = frozenset({"resume", "device", "num_workers", "checkpoint_every", "checkpoint_every_steps", "log_every",
-                              "compile", "fused_adamw", "eval_every", "eval_k"})
+CHECKPOINT_FORMAT = 2  # 2: the run identity (auto resume) is stored
+# pretrain keys that never change what the stage writes (config.NOT_OUTPUT_KEYS): left out of a
+# checkpoint's run identity, so changing one does not block a resume.
+NOT_COMPUTATION_KEYS = NOT_OUTPUT_KEYS["pretrain"]
+# keys that may change the bits but not the maths: kernels (device, compile, fused AdamW) and the k-NN
+# curve's schedule. The legacy resume check ignores them; the run identity (auto resume) does not.
+RUN_CONTROL_KEYS = NOT_COMPUTATION_KEYS | {"device", "compile", "fused_adamw", "eval_every", "eval_k"}
 # k-NN while training (pretrain.eval_every): the DINO protocol's temperature, as the knn stage's default
 EVAL_TEMPERATURE = 0.07
 KNN_COLUMNS = ("epoch", "step", "knn_top1")
@@ -171,6 +176,7 @@ class Pretrainer:
         self.record = record or RunRecord(None, None)
         self.progress_bar = progress_bar and context.is_main
         self.config = params.pretrain
+        self.identity = run_identity(params, paths.shards)
         self.local_batch = self.config.batch_size // context.world_size
         self.split = open_split(paths.shards, "train")
         self.steps_per_epoch = len(self.split) // self.config.batch_size
@@ -181,7 +187,7 @@ class Pretrainer:
             )
         self.augmentation = MultiCropAugmentation(params.augment)
         self.patch_size = params.patch_size()
-        self.uses_attention = params.masking.strategy.startswith("attmask")
+        self.uses_attention = BY_NAME[params.masking.strategy].needs_attention
 
         torch.manual_seed(derive_seed(params.seed, "init"))
         self.student: nn.Module = build_network(params.model, drop_path_rate=params.model.drop_path_rate).to(device)
@@ -227,6 +233,7 @@ class Pretrainer:
         return {
             "format": CHECKPOINT_FORMAT,
             "params": _computation_params(self.params),
+            "identity": self.identity,
             "epoch": self.progress.epoch,
             "step": self.progress.step,
             "student": self.student_module.state_dict(),
@@ -261,7 +268,7 @@ class Pretrainer:
                         raise ParamsError(
                             f"{section}.{key}",
                             f"the checkpoint {self.paths.checkpoint} was trained with {old.get(key)!r}, params say "
-                            f"{new.get(key)!r}; set pretrain.resume=false to start over",
+                            f"{new.get(key)!r}; set pretrain.resume=never to start over",
                         )
             elif old != new:
                 raise ParamsError(section, f"the checkpoint was trained with {old!r}, params say {new!r}")
@@ -321,11 +328,56 @@ class Pretrainer:
     def save(self) -> None:
         if self.context.is_main:
             save_checkpoint(self.state_dict(), self.paths.checkpoint)
+            # beside the checkpoint, not in it: the weights (and the checkpoint's bytes) do not depend on it
+            write_json(self._evaluation_settings(), self._evaluation_file)
+
+    @property
+    def _evaluation_file(self) -> Path:
+        return self.paths.checkpoint.with_suffix(".eval.json")
+
+    def _evaluation_settings(self) -> dict[str, int]:
+        return {"eval_every": self.config.eval_every, "eval_k": self.config.eval_k}
+
+    def _evaluation_difference(self) -> str | None:
+        """Why the k-NN curve of the epochs already done cannot be continued (None when it can)."""
+        try:
+            saved = json.loads(self._evaluation_file.read_text())
+        except (OSError, ValueError):
+            return f"{self._evaluation_file.name} is missing: the k-NN curve of the epochs done is unknown"
+        current = self._evaluation_settings()
+        for key in current:
+            if saved.get(key) != current[key]:
+                return f"pretrain.{key}: {saved.get(key)!r} there, {current[key]!r} here"
+        return None
 
     def maybe_resume(self) -> bool:
-        if not (self.config.resume and self.paths.checkpoint.is_file()):
+        """Continue from ``checkpoint.pt`` when it comes from this same run (``pretrain.resume: auto``).
+
+        The same run means the same :func:`run_identity`: output-affecting params,
+        code, data and torch. A checkpoint of another run is never resumed: it is
+        renamed ``checkpoint.pt.set-aside`` (one notice names the first difference)
+        and training starts fresh. ``never`` always starts fresh.
+        """
+        path = self.paths.checkpoint
+        if self.config.resume == "never" or not path.is_file():
             return False
-        self.load_state_dict(load_checkpoint(self.paths.checkpoint, map_location=self.device))
+        state = load_checkpoint(path, map_location=self.device)
+        difference = first_difference(state.get("identity"), self.identity)
+        if difference is None and int(state.get("epoch", 0)) > 0:
+            difference = self._evaluation_difference()
+        if self.context.enabled:
+            barrier(self.context)  # every rank has read it before rank 0 moves it
+        if difference is not None:
+            if self.context.is_main:
+                for file in (path, self._evaluation_file):
+                    if file.is_file():
+                        os.replace(file, file.with_name(file.name + ".set-aside"))
+                tqdm.write(f"pretrain: {path} is from another run ({difference}); moved to {path.name}.set-aside, "
+                           "starting from scratch")
+            return False
+        self.load_state_dict(state)
+        if self.context.is_main:
+            tqdm.write(f"pretrain: resuming this run from {path} (epoch {self.progress.epoch}, step {self.progress.step})")
         return True
 
     # ------------------------------------------------------------------ data
@@ -548,6 +600,64 @@ class Pretrainer:
     def _restore_signal_handlers(self) -> None:
         for sig, handler in self._previous_handlers.items():
             signal.signal(sig, handler)
+
+
+def run_identity(params: Params, shards: Path) -> dict[str, str]:
+    """What a checkpoint must share with this run to be resumed automatically.
+
+    ``params``: every params key the stage's outputs depend on (dvc.yaml lists
+    the same keys), as canonical JSON; ``code``: SHA-256 of the library's and the
+    stage's sources; ``data``: SHA-256 of the shard manifest (which holds every
+    shard's hash); ``torch``: its version.
+    """
+    values = {k: v for k, v in params_to_dict(params).items() if k in PRETRAIN_SECTIONS}
+    # eval_every / eval_k shape only the k-NN curve: checked beside the checkpoint (``checkpoint.eval.json``), so the
+    # checkpoint's bytes stay the same with the curve on or off
+    values["pretrain"] = {k: v for k, v in values["pretrain"].items()
+                          if k not in NOT_COMPUTATION_KEYS | {"eval_every", "eval_k"}}
+    manifest = Path(shards) / MANIFEST_NAME
+    return {
+        "params": json.dumps(values, sort_keys=True),
+        "code": code_fingerprint(),
+        "data": sha256_file(manifest) if manifest.is_file() else "",
+        "torch": str(torch.__version__),
+    }
+
+
+def code_fingerprint() -> str:
+    """SHA-256 over the library's sources and the pretrain stage script (path and bytes, sorted)."""
+    package = Path(__file__).resolve().parents[1]
+    files = sorted(package.rglob("*.py"))
+    files += [f for f in (package.parent / "stages" / "__init__.py", package.parent / "stages" / "pretrain.py") if f.is_file()]
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(file.relative_to(package.parent).as_posix().encode() + b"\0" + file.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def first_difference(saved: dict[str, str] | None, current: dict[str, str]) -> str | None:
+    """A one-line description of the first way ``saved`` differs from ``current``; None when they agree."""
+    if not isinstance(saved, dict):
+        return "it records no run identity (an older checkpoint format)"
+    if saved.get("params") != current["params"]:
+        old, new = json.loads(saved.get("params") or "{}"), json.loads(current["params"])
+        key, was, now = _first_changed_key(old, new)
+        return f"{key}: {was!r} there, {now!r} here"
+    if saved.get("code") != current["code"]:
+        return "the pipeline's code changed"
+    if saved.get("data") != current["data"]:
+        return "the shards changed (their manifest differs)"
+    if saved.get("torch") != current["torch"]:
+        return f"torch {saved.get('torch')} there, {current['torch']} here"
+    return None
+
+
+def _first_changed_key(old: Any, new: Any, prefix: str = "") -> tuple[str, Any, Any]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in sorted(set(old) | set(new)):
+            if old.get(key) != new.get(key):
+                return _first_changed_key(old.get(key), new.get(key), f"{prefix}{key}.")
+    return prefix.rstrip("."), old, new
 
 
 def _computation_params(params: Params) -> dict[str, Any]:

@@ -398,6 +398,10 @@ def wall_time_statement(found: dict[Experiment, Found]) -> str:
 
 def _data_share_section(config: CompareConfig, summary: dict[str, Any]) -> list[str]:
     shares = list(config.data_shares)
+    if shares == [100]:
+        return ["## k-NN vs share of the train set", "",
+                "Not run: `compare.data_shares` is `[100]`. Set it to e.g. `[25, 100]` (6 more experiments) for "
+                "k-NN vs the share of the train set, beside the paper's.", ""]
     lines = ["## k-NN vs share of the train set", "",
              f"k-NN top-1 (k = {config.knn_k}) when pre-training (and evaluating) on a seeded share of each train "
              "class (`data.percent`); 100% is the strategy table's run.", "",

@@ -21,7 +21,7 @@ from pipeline.core.distributed import DistContext, resolve_device
 from pipeline.core.strategies import MASKING_STRATEGIES
 from pipeline.method.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from pipeline.method.loss import IBOTLoss
-from pipeline.method.training import NonFiniteLossError, Pretrainer, PretrainPaths, pretrain, validate_for_world
+from pipeline.method.training import NonFiniteLossError, first_difference, Pretrainer, PretrainPaths, pretrain, validate_for_world
 from tests.conftest import REPO, tiny_params_dict
 
 
@@ -78,7 +78,7 @@ def test_crash_then_resume_equals_uninterrupted(tiny_folder, tiny_shards, tmp_pa
     monkeypatch.setattr(Pretrainer, "train_step", original_step)
 
     _, resumed, summary = run(tiny_folder, tiny_shards, tmp_path / "resumed",
-                              pretrain={"resume": True, "checkpoint_every_steps": 2})
+                              pretrain={"resume": "auto", "checkpoint_every_steps": 2})
     assert summary["resumed"]
     assert resumed.checkpoint.read_bytes() == reference.checkpoint.read_bytes()
     assert resumed.backbone_safetensors.read_bytes() == reference.backbone_safetensors.read_bytes()
@@ -101,15 +101,40 @@ def test_mid_epoch_resume_equals_uninterrupted(tiny_folder, tiny_shards, tmp_pat
     saved = load_checkpoint(tmp_path / "resumed" / "models" / "checkpoint.pt")
     assert (saved["epoch"], saved["step"]) == (0, 3)
     monkeypatch.setattr(Pretrainer, "train_step", original_step)
-    _, resumed, _ = run(tiny_folder, tiny_shards, tmp_path / "resumed", pretrain={"resume": True})
+    _, resumed, _ = run(tiny_folder, tiny_shards, tmp_path / "resumed", pretrain={"resume": "auto"})
     assert resumed.checkpoint.read_bytes() == reference.checkpoint.read_bytes()
 
 
-def test_resume_refuses_a_checkpoint_trained_differently(tiny_folder, tiny_shards, tmp_path):
-    run(tiny_folder, tiny_shards, tmp_path, pretrain={"epochs": 1})
-    with pytest.raises(ParamsError) as error:
-        run(tiny_folder, tiny_shards, tmp_path, masking={"strategy": "block"}, pretrain={"epochs": 1, "resume": True})
-    assert error.value.key == "masking.strategy"
+def test_a_checkpoint_of_another_run_is_set_aside_never_resumed(tiny_folder, tiny_shards, tmp_path, capsys):
+    _, paths, _ = run(tiny_folder, tiny_shards, tmp_path, pretrain={"epochs": 1})
+    theirs = paths.checkpoint.read_bytes()
+    _, paths, _ = run(tiny_folder, tiny_shards, tmp_path, masking={"strategy": "block"}, pretrain={"epochs": 1})
+    assert "masking.strategy: 'attmask_high' there, 'block' here" in capsys.readouterr().out
+    assert (paths.checkpoint.parent / "checkpoint.pt.set-aside").read_bytes() == theirs  # kept, not lost
+    fresh = tmp_path / "fresh"
+    _, reference, _ = run(tiny_folder, tiny_shards, fresh, masking={"strategy": "block"}, pretrain={"epochs": 1})
+    assert paths.checkpoint.read_bytes() == reference.checkpoint.read_bytes()  # trained from scratch
+
+
+def test_never_starts_from_scratch_and_auto_resumes_its_own_finished_run(tiny_folder, tiny_shards, tmp_path, capsys):
+    _, paths, first = run(tiny_folder, tiny_shards, tmp_path, pretrain={"epochs": 1})
+    done = paths.checkpoint.read_bytes()
+    _, paths, again = run(tiny_folder, tiny_shards, tmp_path, pretrain={"epochs": 1})  # auto: nothing left to train
+    assert again["resumed"] and paths.checkpoint.read_bytes() == done
+    _, paths, scratch = run(tiny_folder, tiny_shards, tmp_path, pretrain={"epochs": 1, "resume": "never"})
+    assert not scratch["resumed"] and paths.checkpoint.read_bytes() == done
+    assert not (paths.checkpoint.parent / "checkpoint.pt.set-aside").exists()
+
+
+def test_first_difference_names_the_key_code_data_or_torch():
+    base = {"params": '{"pretrain": {"lr": 0.004}, "seed": 0}', "code": "c", "data": "d", "torch": "2.14.1"}
+    assert first_difference(base, dict(base)) is None
+    assert first_difference(base, base | {"params": '{"pretrain": {"lr": 0.002}, "seed": 0}'}) == \
+        "pretrain.lr: 0.004 there, 0.002 here"
+    assert first_difference(base, base | {"code": "x"}) == "the pipeline's code changed"
+    assert first_difference(base, base | {"data": "x"}) == "the shards changed (their manifest differs)"
+    assert first_difference(base, base | {"torch": "2.15.0"}) == "torch 2.14.1 there, 2.15.0 here"
+    assert "older checkpoint format" in first_difference(None, base)
 
 
 def test_resume_from_a_checkpoint_with_foreign_tensors_names_the_file(tiny_folder, tiny_shards, tmp_path):
@@ -119,7 +144,7 @@ def test_resume_from_a_checkpoint_with_foreign_tensors_names_the_file(tiny_folde
     state["student"][name] = torch.zeros(3, 1, 7)  # same params, tensor of another shape
     save_checkpoint(state, paths.checkpoint)
     with pytest.raises(CheckpointError, match=str(paths.checkpoint)):
-        run(tiny_folder, tiny_shards, tmp_path, pretrain={"epochs": 1, "resume": True})
+        run(tiny_folder, tiny_shards, tmp_path, pretrain={"epochs": 1, "resume": "auto"})
 
 
 def test_non_finite_loss_stops_naming_the_step_and_keeps_the_checkpoint(tiny_folder, tiny_shards, tmp_path, monkeypatch):
@@ -211,7 +236,7 @@ def test_sigkill_then_resume_equals_uninterrupted(tiny_folder, tiny_shards, tmp_
     state = load_checkpoint(checkpoint)  # never half-written: it loads
     assert (state["epoch"], state["step"]) < (3, 0), "the run finished before it could be killed"
 
-    options_resume = dict(options, resume=True)
+    options_resume = dict(options, resume="auto")
     (work / "params.yaml").write_text(yaml.safe_dump(tiny_params_dict(tiny_folder, pretrain=options_resume)))
     resumed = run_stage(work)
     assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -45,7 +45,7 @@ def test_sigkill_pretrain_at_three_points_then_resume_is_byte_identical(pretrain
     steps = ref.steps_per_epoch
     rng = random.Random(RNG_SEED)
     mid, write, last = rng.randint(1, steps - 2), rng.randint(1, steps - 1), rng.randint(1, steps - 1)
-    work = stage_workdir(tmp_path, tiny_folder, tiny_shards, pretrain=dict(PRETRAIN_OPTIONS, resume=True))
+    work = stage_workdir(tmp_path, tiny_folder, tiny_shards, pretrain=dict(PRETRAIN_OPTIONS, resume="auto"))
     models = work / "models" / "pretrain"
     checkpoint = models / "checkpoint.pt"
 
@@ -80,7 +80,7 @@ def test_nan_loss_stops_naming_the_step_and_resume_is_byte_identical(pretrain_re
     steps = ref.steps_per_epoch
     global_step = random.Random(RNG_SEED + 1).randint(1, 3 * steps - 2)
     epoch, step = divmod(global_step, steps)
-    work = stage_workdir(tmp_path, tiny_folder, tiny_shards, pretrain=dict(PRETRAIN_OPTIONS, resume=True))
+    work = stage_workdir(tmp_path, tiny_folder, tiny_shards, pretrain=dict(PRETRAIN_OPTIONS, resume="auto"))
     original = IBOTLoss.forward
     calls = {"n": 0}
 

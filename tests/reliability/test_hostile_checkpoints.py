@@ -5,6 +5,7 @@ import ast
 import io
 import os
 import pickle
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from pipeline.core.config import ParamsError, params_from_dict
+from pipeline.core.config import params_from_dict
 from pipeline.core.distributed import DistContext
 from pipeline.evaluation.feature_files import FeatureFileError, load_features as load_eval_features
 from pipeline.method.backbone_export import load_backbone, load_backbone_state
@@ -56,7 +57,7 @@ def test_malicious_pickle_never_runs(kind, tmp_path):
 
 
 def trainer(tiny_folder: Path, tiny_shards: Path, models: Path, pretrain: dict | None = None, **sections) -> Pretrainer:
-    options = {"epochs": 1, "resume": True} | (pretrain or {})
+    options = {"epochs": 1, "resume": "auto"} | (pretrain or {})
     params = params_from_dict(tiny_params_dict(tiny_folder, pretrain=options, **sections))
     paths = PretrainPaths.under(tiny_shards, models, models.parent / "reports")
     return Pretrainer(params, paths, torch.device("cpu"), DistContext(), progress_bar=False)
@@ -98,16 +99,17 @@ def test_broken_checkpoint_is_a_clear_error(damage, pretrain_reference, tiny_fol
     integrity.assert_intact("the broken checkpoint is left for inspection, not overwritten", models, before)
 
 
-@pytest.mark.fault_case("checkpoints", "checkpoint of another architecture on resume: error naming the differing key")
-def test_checkpoint_of_another_architecture_names_the_key(pretrain_reference, tiny_folder, tiny_shards, tmp_path, integrity):
+@pytest.mark.fault_case("checkpoints", "checkpoint of another architecture on auto resume: set aside (kept) with a notice naming the key; fresh start")
+def test_checkpoint_of_another_architecture_is_set_aside_naming_the_key(pretrain_reference, tiny_folder, tiny_shards,
+                                                                         tmp_path, capsys):
     models = tmp_path / "models"
     models.mkdir()
-    (models / "checkpoint.pt").write_bytes(pretrain_reference.checkpoints[(1, 0)])  # embed_dim 32
-    before = snapshot(models)
-    with pytest.raises(ParamsError) as error:
-        trainer(tiny_folder, tiny_shards, models, model={"embed_dim": 64}).fit()
-    assert error.value.key == "model.embed_dim" and "trained with 32" in str(error.value)
-    integrity.assert_intact("models folder", models, before)
+    theirs = pretrain_reference.checkpoints[(1, 0)]  # embed_dim 32
+    (models / "checkpoint.pt").write_bytes(theirs)
+    trainer(tiny_folder, tiny_shards, models, model={"embed_dim": 64}).fit()
+    assert "model.embed_dim: 32 there, 64 here" in capsys.readouterr().out
+    assert (models / "checkpoint.pt.set-aside").read_bytes() == theirs
+    assert load_checkpoint(models / "checkpoint.pt")["teacher"]["backbone.vit.cls_token"].shape[-1] == 64
 
 
 @pytest.mark.fault_case("checkpoints", "checkpoint whose params match but tensors are of another architecture: refused")
@@ -117,6 +119,7 @@ def test_checkpoint_with_mismatched_tensors_is_refused(pretrain_reference, tiny_
     models = tmp_path / "models"
     models.mkdir()
     torch.save(state, models / "checkpoint.pt")
+    shutil.copy(pretrain_reference.work / "models/pretrain/checkpoint.eval.json", models)  # same run otherwise
     with pytest.raises(RuntimeError, match="size mismatch for backbone.vit.cls_token"):
         trainer(tiny_folder, tiny_shards, models, pretrain=PRETRAIN_OPTIONS).fit()
 

@@ -319,3 +319,12 @@ def test_a_worker_that_leaves_experiments_queued_is_started_again(monkeypatch, c
     starts = [c for c in calls if c[:2] == ("queue", "start")]
     assert starts == [("queue", "start", "--jobs", "1")] * 2
     assert "starting one again" in capsys.readouterr().err
+
+
+def test_without_data_shares_the_section_says_how_to_get_them(tmp_path):
+    cfg = config(seeds=[0, 1], data_shares=[100])
+    experiments = plan(RAW, cfg)
+    assert all(e.percent is None for e in experiments)
+    render(cfg, experiments, exp_show(experiments), tmp_path)
+    share = (tmp_path / "comparison.md").read_text().split("## k-NN vs share of the train set")[1]
+    assert "Not run: `compare.data_shares` is `[100]`" in share
