@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from pipeline.core.config import Params, params_to_dict
-from pipeline.core.files import atomic_write_text, write_json
+from pipeline.core.files import atomic_write_text, sha256_file, write_json
 
 RUNS_DIR = Path(os.environ.get("ATTMASK_RUNS_DIR", "runs/sacred"))
 TIMING_DIR = Path(os.environ.get("ATTMASK_TIMING_DIR", "reports/timing"))
@@ -103,6 +103,7 @@ def record_run(
         record = RunRecord(_run, Path(observer.dir) if observer.dir else None)
         records.append(record)
         record.set_info("package_versions", package_versions())
+        record.set_info("environment", environment())
         start = time.perf_counter()
         result.update(main(record))
         wall.append(time.perf_counter() - start)
@@ -177,6 +178,39 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+LOCK_FILE = Path(__file__).resolve().parents[2] / "requirements.lock"
+# ISA extensions whose presence changes which kernels the numerical libraries pick (recorded, not all)
+ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512dq", "avx512bw", "avx512vl", "avx512_vnni",
+             "avx512_bf16", "avx512_fp16", "avx_vnni", "amx_bf16", "amx_tile", "avx512_vp2intersect")
+
+
+def environment() -> dict[str, Any]:
+    """What shapes the numbers besides params, data and code: Python, the locked environment, the CPU.
+
+    ``lock_sha256``: SHA-256 of ``requirements.lock`` (None outside a checkout);
+    ``cpu_family`` / ``cpu_model_number`` and ``isa``: the x86 family, model and the
+    ISA flags (of :data:`ISA_FLAGS`) that the CPU reports.
+    """
+    info: dict[str, Any] = {"python": platform.python_version(), "lock_sha256": None,
+                            "cpu": cpu_model(), "cpu_family": None, "cpu_model_number": None, "isa": []}
+    if LOCK_FILE.is_file():
+        info["lock_sha256"] = sha256_file(LOCK_FILE)
+    try:
+        fields = {}
+        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
+            if not line.strip():
+                break  # the first processor is enough
+            key, _, value = line.partition(":")
+            fields[key.strip()] = value.strip()
+        info["cpu_family"] = fields.get("cpu family")
+        info["cpu_model_number"] = fields.get("model")
+        present = set(fields.get("flags", "").split())
+        info["isa"] = [flag for flag in ISA_FLAGS if flag in present]
+    except OSError:
+        pass
+    return info
 
 
 TRACKED_PACKAGES = ("torch", "torchvision", "timm", "webdataset", "dvc", "sacred", "scikit-learn", "numpy", "pillow")

@@ -11,7 +11,6 @@ import hashlib
 import json
 import math
 import os
-import platform
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from typing import Any
 from pipeline.core.config import MaskingConfig, Params, params_to_dict
 from pipeline.core.files import sha256_file, write_json
 from pipeline.core.strategies import strategy_label
+from pipeline.core.tracking import environment
 from pipeline.reporting.metrics import read_optional
 from pipeline.reporting.paper import PAPER_FEWSHOT, PAPER_SOURCE, PAPER_TABLE
 
@@ -152,20 +152,27 @@ def git_commit(repo: Path = Path(".")) -> dict[str, Any]:
 
 
 def describe_machine() -> dict[str, Any]:
-    """This process's machine: CPU model, torch threads, GPU name if CUDA is available."""
+    """This process's machine: CPU model, torch threads, GPU name if CUDA is available, and the environment."""
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text(errors="replace").splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    machine: dict[str, Any] = {"device": "cpu", "cpu": cpu, "cpu_count": os.cpu_count(), "threads": torch.get_num_threads()}
+    env = environment()
+    machine: dict[str, Any] = {"device": "cpu", "cpu": env["cpu"], "cpu_count": os.cpu_count(),
+                               "threads": torch.get_num_threads(), "environment": env}
     if torch.cuda.is_available():
         machine.update(device="cuda", gpu=torch.cuda.get_device_name(0), gpu_count=torch.cuda.device_count())
     return machine
+
+
+def format_environment(env: dict[str, Any] | None) -> str:
+    """``Python 3.11.7, requirements.lock 1a2b3c4d5e6f, CPU family 25 model 17, ISA avx2 fma avx512f``."""
+    if not env:
+        return "not recorded"
+    lock = env.get("lock_sha256")
+    parts = [f"Python {env.get('python')}", f"requirements.lock {lock[:12]}" if lock else "no requirements.lock"]
+    if env.get("cpu_family") is not None:
+        parts.append(f"CPU family {env['cpu_family']} model {env.get('cpu_model_number')}")
+    parts.append("ISA " + (" ".join(env.get("isa") or []) or "not recorded"))
+    return ", ".join(parts)
 
 
 def summarize_markdown(path: Path, limit: int = 300) -> str | None:
@@ -266,6 +273,7 @@ def _header(report: dict[str, Any], commit: dict[str, Any], machine: dict[str, A
         f"| data manifest | sha256 {data_text} |",
         f"| machine (stages) | {'; '.join(stage_machines) if stage_machines else 'not recorded'} |",
         f"| machine (this report) | {format_machine(machine)} |",
+        f"| environment (this report) | {format_environment(machine.get('environment'))} |",
         "",
         "| stage | sacred run | wall time | machine | notes |",
         "|---|---|---|---|---|",

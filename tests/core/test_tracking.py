@@ -75,3 +75,26 @@ def test_a_recorded_stage_prints_no_dependency_warning(tmp_path):
     done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "Warning" not in done.stderr, done.stderr
+
+
+def test_the_environment_names_python_the_lock_and_the_cpu():
+    import hashlib
+    import platform
+
+    from pipeline.core.tracking import ISA_FLAGS, LOCK_FILE, environment
+
+    env = environment()
+    assert env["python"] == platform.python_version()
+    assert env["lock_sha256"] == hashlib.sha256(LOCK_FILE.read_bytes()).hexdigest()
+    assert set(env["isa"]) <= set(ISA_FLAGS) and env["cpu"]
+    if platform.machine() == "x86_64":
+        assert env["cpu_family"] is not None and "sse4_2" in env["isa"]
+
+
+def test_the_report_header_shows_the_environment():
+    from pipeline.reporting.readme import format_environment
+
+    env = {"python": "3.11.7", "lock_sha256": "a1f2e6b0e482" + "0" * 52, "cpu_family": "25", "cpu_model_number": "17",
+           "isa": ["avx2", "avx512f"]}
+    assert format_environment(env) == "Python 3.11.7, requirements.lock a1f2e6b0e482, CPU family 25 model 17, ISA avx2 avx512f"
+    assert format_environment(None) == "not recorded"
