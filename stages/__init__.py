@@ -41,10 +41,12 @@ def run_stage(stage: str, main: Callable[[Any, Any], dict[str, Any]], enabled: b
     A user error ends the process with one line on stderr and exit status 2.
     """
     from pipeline.core.config import load_params
+    from pipeline.core.numerics import limit_threads
     from pipeline.core.tracking import record_run
 
     try:
         params = load_params(params_path)
+        limit_threads(params.threads)
         return record_run(stage, params, lambda record: main(params, record), enabled=enabled)
     except user_errors() as error:
         if os.environ.get("ATTMASK_TRACEBACK"):

@@ -452,6 +452,7 @@ class Params:
     """The whole of ``params.yaml``."""
 
     seed: int = 0
+    threads: int = 2  # torch / BLAS / OpenMP threads of every stage: part of what a result depends on
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     masking: MaskingConfig = field(default_factory=MaskingConfig)
@@ -466,6 +467,7 @@ class Params:
 
     def validate(self) -> None:
         _check_range("seed", self.seed, 0, 2**63 - 1)
+        _check_range("threads", self.threads, 1, 1024)
         self.data.validate("data")
         self.model.validate("model")
         self.masking.validate("masking")
