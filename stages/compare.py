@@ -4,7 +4,7 @@
     python -m stages.compare --dry-run     # print the dvc commands, run nothing
     python -m stages.compare --render      # only render, from `dvc exp show --json`
     python -m stages.compare --render --show-json exps.json   # ... or from a saved document
-    python -m stages.compare --render --rev <commit>          # ... experiments of another baseline commit
+    python -m stages.compare --render --rev <commit>          # ... experiments of another commit, planned from its params.yaml
 
 Not a DVC stage (it drives `dvc exp`). Reads the `compare` section of params.yaml;
 experiments that already finished with the same params on the same commit are
@@ -40,9 +40,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="print what would be queued")
     parser.add_argument("--jobs", type=int, default=1, help="experiments at a time (1 on a 2-core machine)")
     args = parser.parse_args(argv)
+    if args.rev and not args.render:
+        parser.error("--rev reads another commit's experiments: use it with --render")
 
     params = load_params(PARAMS)  # a bad compare section fails here, before anything is queued
-    experiments = plan(yaml.safe_load(PARAMS.read_text()), params.compare)
+    raw = yaml.safe_load(PARAMS.read_text())
+    if args.rev:  # that commit's experiments ran on that commit's params: plan from them, with this compare section
+        raw = {**yaml.safe_load(git_show(args.rev, PARAMS)), "compare": raw.get("compare", {})}
+    experiments = plan(raw, params.compare, validate=not args.rev)
     baseline = args.rev or git_head()
     show = json.loads(args.show_json.read_text()) if args.show_json else exp_show(baseline)
     todo = [e for e in experiments if e not in match(show, experiments)]
@@ -128,6 +133,11 @@ def run_queue(jobs: int, poll_seconds: float = 20.0) -> None:
 def exp_show(rev: str | None = None) -> list[dict]:
     """``dvc exp show --json`` for the experiments whose baseline is ``rev`` (default HEAD)."""
     return json.loads(dvc("exp", "show", "--json", *(["--rev", rev] if rev else []), capture=True) or "[]")
+
+
+def git_show(rev: str, path: Path) -> str:
+    """A file's text at commit ``rev``."""
+    return subprocess.run(["git", "show", f"{rev}:{path.as_posix()}"], capture_output=True, text=True, check=True).stdout
 
 
 def git_head() -> str | None:

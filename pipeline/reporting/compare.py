@@ -59,8 +59,12 @@ class Experiment:
         return f"{NAME_PREFIX}-{self.row.name.replace('_', '-')}-s{self.seed}{share}-{digest}"
 
 
-def plan(raw_params: dict[str, Any], config: CompareConfig) -> list[Experiment]:
+def plan(raw_params: dict[str, Any], config: CompareConfig, validate: bool = True) -> list[Experiment]:
     """Every experiment the comparison needs, each validated as a whole params file.
+
+    ``validate=False`` plans from another commit's params (``--rev``): that
+    commit's code validated them when its experiments ran, and this code's
+    schema may have moved on since.
 
     Raises:
         ParamsError: naming the experiment and the key, before anything is queued.
@@ -78,6 +82,9 @@ def plan(raw_params: dict[str, Any], config: CompareConfig) -> list[Experiment]:
         if percent is not None:
             overrides += (f"data.percent={percent:g}",)
         expected = apply_overrides(raw_params, overrides)
+        if not validate:
+            experiments.append(Experiment(row, seed, percent, overrides, expected))
+            continue
         try:
             params = params_from_dict({**expected, "compare": raw_params.get("compare", {})})
         except ParamsError as error:
@@ -129,6 +136,9 @@ def experiments_in(show: list[dict[str, Any]]) -> Iterable[dict[str, Any]]:
     """Every successful experiment revision's ``data`` in a ``dvc exp show --json`` document."""
     for baseline in show:
         for experiment in baseline.get("experiments") or []:
+            # a running (or queued) experiment shows the baseline's metrics files: not a result yet
+            if ((experiment.get("executor") or {}).get("state")) in ("running", "queued", "failed"):
+                continue
             for rev in experiment.get("revs") or []:
                 data = rev.get("data")
                 if rev.get("error") or not data:

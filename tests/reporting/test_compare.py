@@ -328,3 +328,39 @@ def test_without_data_shares_the_section_says_how_to_get_them(tmp_path):
     render(cfg, experiments, exp_show(experiments), tmp_path)
     share = (tmp_path / "comparison.md").read_text().split("## k-NN vs share of the train set")[1]
     assert "Not run: `compare.data_shares` is `[100]`" in share
+
+
+def test_render_rev_plans_from_that_commits_params(two_seeds, tmp_path, monkeypatch):
+    """Experiments of an older commit match its params.yaml, even where today's schema moved on."""
+    raw = copy.deepcopy(RAW)
+    raw["compare"].update(seeds=[0, 1], data_shares=[100])
+    old = copy.deepcopy(raw)
+    old.pop("threads", None)
+    old["pretrain"]["resume"] = False  # a value today's schema refuses
+    cfg = config(seeds=[0, 1], data_shares=[100])
+    from pipeline.reporting.compare import plan as plan_experiments
+
+    experiments = plan_experiments(old, cfg, validate=False)
+    show = exp_show([])
+    for i, e in enumerate(experiments):  # DVC's record of each: the old params with the overrides
+        data = {"rev": f"{i:040x}", "timestamp": "2025-01-01T10:00:00", "params": {"params.yaml": {"data": e.expected}},
+                "metrics": {"reports/metrics.json": {"data": fabricated_metrics(e)}}}
+        show[1]["experiments"].append({"name": e.name, "revs": [{"rev": f"{i:040x}", "name": e.name, "data": data}]})
+    monkeypatch.chdir(tmp_path)
+    Path("params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    Path("exps.json").write_text(json.dumps(show))
+    monkeypatch.setattr(compare_stage, "git_show", lambda rev, path: yaml.safe_dump(old))
+    assert compare_stage.main(["--render", "--rev", "abc1234", "--show-json", "exps.json"]) == 0
+    assert f"{len(experiments)} of {len(experiments)} planned DVC experiments found" in Path("reports/comparison.md").read_text()
+    with pytest.raises(SystemExit):
+        compare_stage.main(["--rev", "abc1234"])
+
+
+def test_a_running_experiment_is_not_a_result(two_seeds, tmp_path):
+    """While it runs, `dvc exp show` lists it with the baseline's metrics.json: that must not count."""
+    cfg, experiments = two_seeds
+    show = exp_show(experiments)
+    show[1]["experiments"][0]["executor"] = {"state": "running", "name": "dvc-task"}
+    show[1]["experiments"][1]["executor"] = {"state": "success", "name": "dvc-task"}
+    found = match(show, experiments)
+    assert experiments[0] not in found and experiments[1] in found
