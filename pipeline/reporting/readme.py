@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ from typing import Any
 from pipeline.core.config import MaskingConfig, Params, params_to_dict
 from pipeline.core.files import sha256_file, write_json
 from pipeline.core.strategies import strategy_label
-from pipeline.core.tracking import environment
+from pipeline.core.tracking import environment, machine_info
 from pipeline.reporting.metrics import read_optional
 from pipeline.reporting.paper import PAPER_FEWSHOT, PAPER_SOURCE, PAPER_TABLE
 
@@ -152,15 +151,8 @@ def git_commit(repo: Path = Path(".")) -> dict[str, Any]:
 
 
 def describe_machine() -> dict[str, Any]:
-    """This process's machine: CPU model, torch threads, GPU name if CUDA is available, and the environment."""
-    import torch
-
-    env = environment()
-    machine: dict[str, Any] = {"device": "cpu", "cpu": env["cpu"], "cpu_count": os.cpu_count(),
-                               "threads": torch.get_num_threads(), "environment": env}
-    if torch.cuda.is_available():
-        machine.update(device="cuda", gpu=torch.cuda.get_device_name(0), gpu_count=torch.cuda.device_count())
-    return machine
+    """This process's machine (:func:`pipeline.core.tracking.machine_info`) and its environment."""
+    return {**machine_info(), "environment": environment()}
 
 
 def format_environment(env: dict[str, Any] | None) -> str:
