@@ -28,7 +28,22 @@ from typing import Any, Callable, Sequence
 from pipeline.core.config import Params, params_to_dict
 from pipeline.core.files import atomic_write_text, sha256_file, write_json
 
-RUNS_DIR = Path(os.environ.get("ATTMASK_RUNS_DIR", "runs/sacred"))
+
+
+def default_runs_dir() -> Path:
+    """Where sacred records go: ``ATTMASK_RUNS_DIR``, else ``runs/sacred`` of the repository.
+
+    A queued DVC experiment runs in a temporary copy that DVC deletes afterwards;
+    DVC names the parent repository in ``DVC_ROOT``, so its records land there
+    and outlive the copy (each one names its experiment, ``DVC_EXP_NAME``).
+    """
+    if os.environ.get("ATTMASK_RUNS_DIR"):
+        return Path(os.environ["ATTMASK_RUNS_DIR"])
+    root = os.environ.get("DVC_ROOT")
+    return Path(root) / "runs" / "sacred" if root else Path("runs/sacred")
+
+
+RUNS_DIR = default_runs_dir()
 TIMING_DIR = Path(os.environ.get("ATTMASK_TIMING_DIR", "reports/timing"))
 
 
@@ -104,6 +119,7 @@ def record_run(
         records.append(record)
         record.set_info("package_versions", package_versions())
         record.set_info("environment", environment())
+        record.set_info("dvc_experiment", os.environ.get("DVC_EXP_NAME"))  # set by `dvc exp run` for queued runs
         start = time.perf_counter()
         result.update(main(record))
         wall.append(time.perf_counter() - start)

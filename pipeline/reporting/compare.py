@@ -280,7 +280,7 @@ def code_commits(found: dict[Experiment, Found]) -> str:
 
 
 def render_markdown(config: CompareConfig, summary: dict[str, Any], experiments: Sequence[Experiment],
-                    found: dict[Experiment, Found]) -> str:
+                    found: dict[Experiment, Found], records: dict[str, list[str]] | None = None) -> str:
     """``reports/comparison.md``: the strategy table, the spread statement and the data-share table."""
     seeds = ", ".join(str(s) for s in config.seeds)
     n = len(config.seeds)
@@ -323,7 +323,7 @@ def render_markdown(config: CompareConfig, summary: dict[str, Any], experiments:
                                n, floor)
     lines += _paper_order_section(config, summary)
     lines += _data_share_section(config, summary)
-    lines += _chart_and_experiments(experiments, found, summary["missing"])
+    lines += _chart_and_experiments(experiments, found, summary["missing"], records or {})
     return "\n".join(lines) + "\n"
 
 
@@ -439,16 +439,33 @@ def _data_share_section(config: CompareConfig, summary: dict[str, Any]) -> list[
     return lines + [""]
 
 
+def sacred_records(runs_dir: Path) -> dict[str, list[str]]:
+    """``{experiment name: ["pretrain/12", ...]}`` from the sacred records that name a DVC experiment."""
+    records: dict[str, list[str]] = {}
+    for run in sorted(Path(runs_dir).glob("*/*/run.json")):
+        try:
+            name = (json.loads(run.read_text()).get("info") or {}).get("dvc_experiment")
+        except (OSError, ValueError):
+            continue
+        if name:
+            records.setdefault(name, []).append(f"{run.parent.parent.name}/{run.parent.name}")
+    return records
+
+
 def _chart_and_experiments(experiments: Sequence[Experiment], found: dict[Experiment, Found],
-                           missing: Sequence[Experiment]) -> list[str]:
+                           missing: Sequence[Experiment], records: dict[str, list[str]]) -> list[str]:
     lines = ["## Chart", "", "![strategies compared](comparison.png)", "",
              "## The experiments", "",
              "Inspect them with `dvc exp show`, compare two with `dvc metrics diff <a> <b>` and "
              "`dvc params diff <a> <b>`, bring one into the workspace with `dvc exp apply <name>`.", "",
-             "| experiment | overrides | rev |", "|---|---|---|"]
+             "Each experiment's sacred records (one per stage, under `runs/sacred/<stage>/<id>`) name it "
+             "(`info.dvc_experiment`); experiments queued before records were kept show none.", "",
+             "| experiment | overrides | rev | sacred records |", "|---|---|---|---|"]
     for e in experiments:
         f = found.get(e)
-        lines.append(f"| `{e.name}` | `{' '.join(e.overrides)}` | " + (f"`{f.rev[:7]}`" if f else "**missing**") + " |")
+        kept = ", ".join(f"`{r}`" for r in records.get(e.name, [])) or "none"
+        lines.append(f"| `{e.name}` | `{' '.join(e.overrides)}` | " + (f"`{f.rev[:7]}`" if f else "**missing**")
+                     + f" | {kept} |")
     if missing:
         lines += ["", f"**{len(missing)} experiment(s) missing** (not run, failed, or run with other params): "
                       "`dvc queue status` and `dvc queue logs <name>` say why; `make compare` runs what is missing."]
@@ -470,12 +487,14 @@ def summary_json(config: CompareConfig, summary: dict[str, Any], found: dict[Exp
     }
 
 
-def render(config: CompareConfig, experiments: Sequence[Experiment], show: list[dict[str, Any]], out_dir: Path) -> dict[str, Any]:
+def render(config: CompareConfig, experiments: Sequence[Experiment], show: list[dict[str, Any]], out_dir: Path,
+           runs_dir: Path = Path("runs/sacred")) -> dict[str, Any]:
     """Write ``comparison.md``, ``comparison.png`` and ``comparison.json`` under ``out_dir``; returns the summary."""
     found = match(show, experiments)
     summary = summarise(config, experiments, found)
     out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out_dir / "comparison.md", render_markdown(config, summary, experiments, found))
+    records = sacred_records(runs_dir)
+    atomic_write_text(out_dir / "comparison.md", render_markdown(config, summary, experiments, found, records))
     plot_comparison(summary, [row.name for row in config.strategies], COLUMN_LABELS, len(config.seeds),
                     config.data_share_strategies, config.knn_k, out_dir / "comparison.png")
     write_json(summary_json(config, summary, found), out_dir / "comparison.json")

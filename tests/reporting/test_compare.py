@@ -364,3 +364,19 @@ def test_a_running_experiment_is_not_a_result(two_seeds, tmp_path):
     show[1]["experiments"][1]["executor"] = {"state": "success", "name": "dvc-task"}
     found = match(show, experiments)
     assert experiments[0] not in found and experiments[1] in found
+
+
+def test_queued_experiments_keep_their_sacred_records_and_the_report_links_them(two_seeds, tmp_path, monkeypatch):
+    from pipeline.core import tracking
+
+    monkeypatch.delenv("ATTMASK_RUNS_DIR", raising=False)
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path / "repo"))  # what `dvc exp run` sets in a queued experiment
+    assert tracking.default_runs_dir() == tmp_path / "repo" / "runs" / "sacred"
+    cfg, experiments = two_seeds
+    runs = tmp_path / "runs"
+    (runs / "pretrain" / "3").mkdir(parents=True)
+    (runs / "pretrain" / "3" / "run.json").write_text(json.dumps({"info": {"dvc_experiment": experiments[0].name}}))
+    render(cfg, experiments, exp_show(experiments), tmp_path / "out", runs_dir=runs)
+    row = next(line for line in (tmp_path / "out" / "comparison.md").read_text().splitlines()
+               if line.startswith(f"| `{experiments[0].name}`"))
+    assert row.endswith("| `pretrain/3` |")
