@@ -68,6 +68,9 @@ class DataConfig:
     root: str = SYNTHETIC_ROOT
     per_class: int | None = None
     percent: float | None = None
+    # which train images per_class / percent keep: "seeded" (a seeded permutation) or "first" (the first N in
+    # sorted order, as the official --subset 260: the paper's 20% ImageNet subset)
+    subset: Literal["seeded", "first"] = "seeded"
     shard_size: int = 500
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 

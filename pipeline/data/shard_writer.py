@@ -16,8 +16,10 @@ Choices made here (also in the manifest's ``policy``):
   BMP, WEBP, TIFF, ...) are rejected as "unsupported format X": re-encoding
   would break "shards hold the original bytes" and GIF/TIFF may hold several
   frames. Every rejected file is listed with its reason in the manifest.
-- **Subset.** ``per_class`` / ``percent`` pick the first N of a seeded
-  permutation of each class's *decodable* train files (sorted by path first),
+- **Subset.** ``per_class`` / ``percent`` pick, of each class's *decodable*
+  train files sorted by path, the first N of a seeded permutation
+  (``subset="seeded"``) or simply the first N (``subset="first"``, the official
+  code's ``--subset``: the paper's 20% ImageNet is ``per_class=260``),
   so adding, removing or breaking an undecodable file never changes which
   images are chosen. Val is always complete.
 - **Order.** Train samples are written in a seeded permutation (shards mix
@@ -336,9 +338,11 @@ def subset_count(n: int, per_class: int | None = None, percent: float | None = N
 
 
 def select_subset(
-    items: Sequence[T], seed: int, class_name: str, per_class: int | None = None, percent: float | None = None
+    items: Sequence[T], seed: int, class_name: str, per_class: int | None = None, percent: float | None = None,
+    subset: str = "seeded",
 ) -> list[T]:
-    """The first ``subset_count`` items of a permutation seeded by (seed, "subset", class_name).
+    """``subset_count`` of ``items``: the first of a permutation seeded by (seed, "subset", class_name),
+    or with ``subset="first"`` the first ones (the official code's ``--subset``).
 
     ``items`` must already be in a canonical order (sorted by path); the chosen
     items are returned in that order.
@@ -346,6 +350,8 @@ def select_subset(
     count = subset_count(len(items), per_class, percent)
     if count == len(items):
         return list(items)
+    if subset == "first":
+        return list(items[:count])
     order = torch.randperm(len(items), generator=make_generator(seed, "subset", class_name))
     return [items[i] for i in sorted(order[:count].tolist())]
 
@@ -363,6 +369,7 @@ def write_shards(
     seed: int,
     per_class: int | None = None,
     percent: float | None = None,
+    subset: str = "seeded",
     shard_size: int = 500,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     source: str = "imagefolder",
@@ -389,18 +396,21 @@ def write_shards(
     scan = scan_folder(root)
     files = scan.all_files()
     checks = dict(zip(files, check_files(files, max_pixels, workers, progress)))
-    chosen, counts, rejected = _select(scan, checks, seed, per_class, percent)
+    if subset not in ("seeded", "first"):
+        raise ValueError(f"subset must be 'seeded' or 'first', got {subset!r}")
+    chosen, counts, rejected = _select(scan, checks, seed, per_class, percent, subset)
     plan = _plan_shards(chosen, seed, shard_size)
     manifest = {
         "format": MANIFEST_FORMAT,
         "source": source,
         "root": str(root),
         "seed": seed,
-        "subset": {"per_class": per_class, "percent": percent},
+        "subset": {"per_class": per_class, "percent": percent, "order": subset},
         "shard_size": shard_size,
         "max_pixels": max_pixels,
         "policy": {
-            "subset": "first N of a seeded permutation of each class's decodable train files; val complete",
+            "subset": ("first N of each class's decodable train files in path order" if subset == "first" else
+                       "first N of a seeded permutation of each class's decodable train files") + "; val complete",
             "formats": "JPEG/MPO kept as .jpg, PNG as .png, original bytes; other formats rejected",
             "train_order": "seeded permutation across classes; val in class then path order",
         },
@@ -440,14 +450,15 @@ def build_shards(
     if config.source == "synthetic" and not root.is_dir():
         raise DatasetError(f"{root}: synthetic images not found; run `python -m stages.generate` first")
     return write_shards(
-        root, out_dir, seed=seed, per_class=config.per_class, percent=config.percent,
+        root, out_dir, seed=seed, per_class=config.per_class, percent=config.percent, subset=config.subset,
         shard_size=config.shard_size, max_pixels=max_pixels, source=config.source,
         workers=workers, progress=progress,
     )
 
 
 def _select(
-    scan: FolderScan, checks: dict[SourceFile, ImageCheck], seed: int, per_class: int | None, percent: float | None
+    scan: FolderScan, checks: dict[SourceFile, ImageCheck], seed: int, per_class: int | None, percent: float | None,
+    subset: str = "seeded",
 ) -> tuple[dict[str, list[SourceFile]], dict[str, dict[str, dict[str, int]]], list[dict[str, str]]]:
     """Kept/rejected bookkeeping and the train subset; fails if a train class has nothing decodable."""
     chosen: dict[str, list[SourceFile]] = {split: [] for split in SPLITS}
@@ -461,7 +472,7 @@ def _select(
                 {"split": split, "class": name, "path": f.rel, "reason": checks[f].reason or ""}
                 for f in candidates if not checks[f].ok
             ]
-            selected = select_subset(kept, seed, name, per_class, percent) if split == "train" else kept
+            selected = select_subset(kept, seed, name, per_class, percent, subset) if split == "train" else kept
             counts[split][name] = {
                 "files_in": len(candidates), "kept": len(kept),
                 "rejected": len(candidates) - len(kept), "selected": len(selected),

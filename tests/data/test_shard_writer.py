@@ -214,6 +214,22 @@ def test_subset_is_deterministic_and_seeded():
     assert select_subset(items, seed=0, class_name="a", percent=25) == first  # 25% of 40 = 10, same permutation
 
 
+def test_first_subset_is_the_official_first_n_in_path_order(tmp_path):
+    items = [f"f{i:02d}" for i in range(40)]
+    assert select_subset(items, seed=0, class_name="a", per_class=10, subset="first") == items[:10]
+    assert select_subset(items, seed=7, class_name="b", percent=25, subset="first") == items[:10]  # no seed involved
+    root = make_folder(tmp_path / "images", {"a": 9, "b": 8}, {"a": 2, "b": 1})
+    manifest = write(root, tmp_path / "s", per_class=3, subset="first").manifest
+    assert manifest["subset"] == {"per_class": 3, "percent": None, "order": "first"}
+    paths = []
+    for shard in sorted((tmp_path / "s").glob("train-*.tar")):
+        with tarfile.open(shard) as tar:
+            paths += [json.loads(tar.extractfile(m).read())["path"] for m in tar if m.name.endswith(".json")]
+    assert sorted(paths) == [f"train/{c}/img_{i:03d}.JPEG" for c in "ab" for i in range(3)]
+    with pytest.raises(ValueError, match="subset"):
+        write(root, tmp_path / "bad", per_class=3, subset="last")
+
+
 @pytest.mark.parametrize("subset", [{"per_class": 4}, {"percent": 50.0}])
 def test_subset_counts_in_shards_and_broken_files_do_not_shift_it(tmp_path, subset):
     root = make_folder(tmp_path / "images", {"a": 9, "b": 8}, {"a": 2, "b": 1})
