@@ -144,6 +144,12 @@ class MaskingConfig:
     ratio_var: float = 0.2
     prob: float = 0.5
     show_max: float = 0.1
+    # image: a ratio per image (iBOT); batch: one per batch, and an independent one for Hint's reveal
+    # count (the official AttMask code)
+    ratio_per: Literal["image", "batch"] = "image"
+    # all: masking.prob applies to every strategy (iBOT's default recipe); attention: only to the AttMask
+    # strategies, random and block mask every image (the official AttMask code)
+    prob_scope: Literal["all", "attention"] = "all"
 
     def validate(self, prefix: str = "masking") -> None:
         _check_range(f"{prefix}.ratio", self.ratio, 0.0, 1.0)
@@ -167,6 +173,9 @@ class AugmentConfig:
     local_number: int = 2
     local_size: int = 16
     local_scale: tuple[float, float] = (0.05, 0.25)
+    # relative: blur sigma U(0.1, 2.0) x crop size / 224, so tiny crops are not smeared; absolute: U(0.1, 2.0) px
+    # on every crop whatever its size (the official code, for ImageNet runs)
+    blur: Literal["relative", "absolute"] = "relative"
 
     def validate(self, patch_size: int, prefix: str = "augment") -> None:
         _check_range(f"{prefix}.global_size", self.global_size, 1, None)

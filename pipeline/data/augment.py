@@ -16,8 +16,8 @@ from pipeline.core.config import AugmentConfig
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-# DINO blurs with sigma in (0.1, 2.0) px on 224 px crops; we keep the blur the same
-# relative to the crop, so a 32 px crop is not smeared into a few blobs.
+# DINO blurs with sigma in (0.1, 2.0) px on every crop; augment.blur: relative keeps the blur the same
+# relative to a 224 px crop, so a 32 px crop is not smeared into a few blobs (the embedded default).
 REFERENCE_SIZE = 224
 BLUR_SIGMA = (0.1, 2.0)
 
@@ -26,9 +26,14 @@ def _to_normalized_tensor() -> v2.Transform:
     return v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
-def _gaussian_blur(size: int, p: float) -> v2.Transform:
-    scale = size / REFERENCE_SIZE
-    sigma = (BLUR_SIGMA[0] * scale, BLUR_SIGMA[1] * scale)
+def blur_sigma(size: int, mode: str) -> tuple[float, float]:
+    """The blur's sigma range (px) on a ``size`` crop: DINO's (0.1, 2.0), scaled by size / 224 when ``relative``."""
+    scale = size / REFERENCE_SIZE if mode == "relative" else 1.0
+    return BLUR_SIGMA[0] * scale, BLUR_SIGMA[1] * scale
+
+
+def _gaussian_blur(size: int, p: float, mode: str = "relative") -> v2.Transform:
+    sigma = blur_sigma(size, mode)
     kernel = 2 * math.ceil(3 * sigma[1]) + 1
     return v2.RandomApply([v2.GaussianBlur(kernel_size=kernel, sigma=sigma)], p=p)
 
@@ -60,7 +65,7 @@ class MultiCropAugmentation:
                 [
                     v2.RandomResizedCrop(config.global_size, scale=config.global_scale, interpolation=bicubic),
                     _flip_and_color_jitter(),
-                    _gaussian_blur(config.global_size, blur_p),
+                    _gaussian_blur(config.global_size, blur_p, config.blur),
                     v2.RandomSolarize(threshold=128, p=solarize_p),
                     to_tensor,
                 ]
@@ -72,7 +77,7 @@ class MultiCropAugmentation:
             [
                 v2.RandomResizedCrop(config.local_size, scale=config.local_scale, interpolation=bicubic),
                 _flip_and_color_jitter(),
-                _gaussian_blur(config.local_size, 0.5),
+                _gaussian_blur(config.local_size, 0.5, config.blur),
                 to_tensor,
             ]
         )

@@ -3,9 +3,12 @@
 A mask is a boolean tensor ``(B, H, W)`` over the patch grid, ``True`` = masked
 (the student sees the mask token there). For every image:
 
-1. with probability ``config.prob`` it is masked at all, else its mask is empty;
+1. with probability ``config.prob`` it is masked at all, else its mask is empty
+   (``prob_scope: attention``: only for the AttMask strategies; random and
+   block then mask every image, as the official AttMask code);
 2. a ratio ``r ~ U(ratio - ratio_var, ratio + ratio_var)`` gives the target
-   count ``N = floor(r * P)`` of the ``P = H * W`` patches;
+   count ``N = floor(r * P)`` of the ``P = H * W`` patches (``ratio_per:
+   batch``: one ``r`` for the whole batch, as the official AttMask code);
 3. the strategy chooses which patches:
 
    - ``random``: exactly ``N`` patches, uniformly at random;
@@ -22,7 +25,9 @@ generator), consumed in this fixed order, whatever the outcome of earlier draws:
 
 1. ``torch.rand(B, float64)``: image masked iff ``u < prob``;
 2. ``torch.rand(B, float64)``: ``r = lo + (hi - lo) * u`` (drawn for every
-   image, masked or not);
+   image, masked or not; with ``ratio_per: batch`` every image takes the
+   first draw's ``r``, and ``attmask_hint`` then draws ``torch.rand(1,
+   float64)`` for an independent reveal ratio);
 3. strategy draws: ``random`` ``torch.rand(B, P)`` (sort keys); ``block``
    ``torch.randint(2**62, (B,))`` (one seed per image for a private
    :class:`random.Random` that places that image's rectangles: the block loop
@@ -127,7 +132,12 @@ def sample_masks(
     elif config.strategy == "attmask_low":
         flat = attention_masks(attention, counts, highest=False)
     else:  # attmask_hint
-        revealed = hint_counts(ratios, counts, num_patches, config.show_max)
+        hint_ratios = ratios
+        if config.ratio_per == "batch":  # the official code draws the reveal count's ratio separately
+            low, high = config.ratio - config.ratio_var, config.ratio + config.ratio_var
+            u = torch.rand(1, dtype=torch.float64, generator=generator)
+            hint_ratios = (low + (high - low) * u).clamp_(0.0, 1.0).repeat(batch_size)
+        revealed = hint_counts(hint_ratios, counts, num_patches, config.show_max)
         flat = hint_masks(attention, counts, revealed, config.show_max, generator)
     return MaskDraw(flat.view(batch_size, height, width), masked, ratios, counts, revealed, rectangles)
 
@@ -142,8 +152,12 @@ def sample_mask_counts(
         (``floor(r * P)``, zeroed where not masked), all on CPU.
     """
     masked = torch.rand(batch_size, dtype=torch.float64, generator=generator) < config.prob
+    if config.prob_scope == "attention" and config.strategy not in ATTENTION_STRATEGIES:
+        masked = torch.ones(batch_size, dtype=torch.bool)
     low, high = config.ratio - config.ratio_var, config.ratio + config.ratio_var
     u = torch.rand(batch_size, dtype=torch.float64, generator=generator)
+    if config.ratio_per == "batch" and batch_size:
+        u = u[:1].repeat(batch_size)
     # lo + (hi - lo) * u is exactly `ratio` when ratio_var == 0 (MAE-style 0.75 stays 0.75)
     ratios = (low + (high - low) * u).clamp_(0.0, 1.0)
     counts = torch.floor(ratios * num_patches).to(torch.int64).clamp_(0, num_patches)

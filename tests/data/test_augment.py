@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -40,3 +41,14 @@ def test_eval_transform_centre_crops_and_normalises():
     assert tuple(out.shape) == (3, 32, 32)
     expected = (128 / 255 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
     assert torch.allclose(out.mean(dim=(1, 2)), expected, atol=1e-3)
+
+
+def test_blur_is_the_official_radius_range_when_absolute():
+    from pipeline.data.augment import blur_sigma
+
+    assert blur_sigma(96, "absolute") == (0.1, 2.0)  # official: U(0.1, 2.0) px on every crop, 96 px locals too
+    low, high = blur_sigma(96, "relative")
+    assert (low, high) == pytest.approx((0.1 * 96 / 224, 2.0 * 96 / 224))  # the embedded default's scaling
+    config = AugmentConfig(global_size=32, local_size=16, local_number=1, blur="absolute")
+    blur = MultiCropAugmentation(config).local.transforms[2].transforms[0]
+    assert tuple(blur.sigma) == (0.1, 2.0)

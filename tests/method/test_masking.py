@@ -1,6 +1,7 @@
 """The five masking strategies (docs/method.md, "Masks"): counts, semantics, determinism, errors."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 
@@ -327,3 +328,33 @@ def test_invariants_hold_for_any_grid_and_config(strategy, height, width, batch,
     assert torch.all(result.revealed <= result.counts)
     again = generate_masks(config, batch, (height, width), make_generator(seed), attention)
     assert torch.equal(again, result.masks)
+
+
+# ------------------------------------------------------- the official code's choices
+def test_ratio_per_batch_is_one_ratio_and_hint_draws_its_own(monkeypatch):
+    """Official AttMask: one ratio per batch; Hint's reveal count from a second, independent draw."""
+    config = MaskingConfig("attmask_hint", ratio=0.3, ratio_var=0.2, prob=1.0, show_max=0.25, ratio_per="batch")
+    attention = torch.rand(8, 64, generator=torch.Generator().manual_seed(1))
+    draw = sample_masks(config, 8, (8, 8), torch.Generator().manual_seed(5), attention)
+    assert torch.unique(draw.ratios).numel() == 1 and torch.unique(draw.counts).numel() == 1
+    replay = torch.Generator().manual_seed(5)
+    torch.rand(8, dtype=torch.float64, generator=replay)  # who is masked
+    r = 0.1 + 0.4 * torch.rand(8, dtype=torch.float64, generator=replay)[0]
+    r_hint = 0.1 + 0.4 * torch.rand(1, dtype=torch.float64, generator=replay)[0]
+    assert draw.ratios[0] == r and int(draw.counts[0]) == math.floor(r * 64)
+    assert int(draw.revealed[0]) == min(math.floor(0.25 * r_hint * 64), math.floor(r * 64), 16)
+    assert (draw.masks.flatten(1).sum(1) == draw.counts - draw.revealed).all()
+    per_image = sample_masks(dataclasses.replace(config, ratio_per="image"), 8, (8, 8),
+                             torch.Generator().manual_seed(5), attention)
+    assert torch.unique(per_image.ratios).numel() == 8
+
+
+@pytest.mark.parametrize("strategy, everyone_masked", [("random", True), ("block", True), ("attmask_high", False)])
+def test_prob_scope_attention_masks_every_image_for_random_and_block(strategy, everyone_masked):
+    config = MaskingConfig(strategy, ratio=0.3, ratio_var=0.0, prob=0.0, prob_scope="attention")
+    attention = torch.rand(16, 64, generator=torch.Generator().manual_seed(2))
+    draw = sample_masks(config, 16, (8, 8), torch.Generator().manual_seed(0), attention)
+    assert bool(draw.masked.all()) is everyone_masked and bool(draw.masked.any()) is everyone_masked
+    default = sample_masks(dataclasses.replace(config, prob_scope="all"), 16, (8, 8), torch.Generator().manual_seed(0),
+                           attention)
+    assert not default.masked.any()  # iBOT's recipe: prob 0 masks nothing, whatever the strategy
