@@ -8,16 +8,20 @@ This module is the one place that creates, writes and reads such a backbone.
 """
 from __future__ import annotations
 
+import shutil
+import tempfile
 from pathlib import Path
 
 import safetensors.torch
 import timm
+import timm.models
 import torch
 from torch import Tensor
 
 from pipeline.core.config import ModelConfig
-from pipeline.core.files import atomic_write_bytes
+from pipeline.core.files import atomic_write_bytes, replace_dir
 from pipeline.core.seeding import derive_seed
+from pipeline.data.augment import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.method.checkpoint import CheckpointError
 
 
@@ -86,3 +90,29 @@ def random_backbone(config: ModelConfig, seed: int) -> torch.nn.Module:
     vit = create_backbone(config)
     vit.load_state_dict(random_backbone_state(config, seed), strict=True)
     return vit
+
+
+def save_timm_folder(state: dict[str, Tensor], config: ModelConfig, image_size: int, folder: str | Path) -> None:
+    """``folder/config.json`` + ``folder/model.safetensors``, as timm writes a model for the Hub.
+
+    ``timm.create_model("local-dir:<folder>", pretrained=True)`` then builds and
+    loads the backbone by name, with its shape and preprocessing (image size,
+    ImageNet mean / std, bicubic, centre crop 0.875) from ``config.json``. The
+    folder is written beside its target and swapped in whole.
+    """
+    folder = Path(folder)
+    vit = create_backbone(config)
+    vit.load_state_dict(state, strict=True)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    try:
+        timm.models.save_for_hf(
+            vit, str(staging), safe_serialization=True,
+            model_config={"pretrained_cfg": {"tag": "attmask", "license": "unspecified"}},
+            data_config={"input_size": (3, image_size, image_size), "mean": IMAGENET_MEAN, "std": IMAGENET_STD,
+                         "crop_pct": 0.875, "interpolation": "bicubic"},
+        )
+        replace_dir(staging, folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

@@ -42,7 +42,7 @@ from pipeline.core.tracking import RunRecord
 from pipeline.data.augment import MultiCropAugmentation
 from pipeline.data.shard_reader import ShardDataset, ShardSplit, open_split
 from pipeline.data.shard_writer import MANIFEST_NAME
-from pipeline.method.backbone_export import save_backbone_safetensors
+from pipeline.method.backbone_export import save_backbone_safetensors, save_timm_folder
 from pipeline.method.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from pipeline.method.loss import IBOTLoss, koleo_loss
 from pipeline.method.masking import generate_masks
@@ -83,6 +83,7 @@ class PretrainPaths:
     checkpoint: Path
     backbone_pth: Path
     backbone_safetensors: Path
+    timm_folder: Path  # config.json + model.safetensors: timm.create_model("local-dir:<folder>", pretrained=True)
     reports: Path
 
     @classmethod
@@ -92,6 +93,7 @@ class PretrainPaths:
             checkpoint=Path(models) / "checkpoint.pt",
             backbone_pth=Path(models) / "backbone.pth",
             backbone_safetensors=Path(models) / "backbone.safetensors",
+            timm_folder=Path(models) / "timm",
             reports=Path(reports),
         )
 
@@ -562,6 +564,7 @@ class Pretrainer:
         state = backbone_state_dict(self.teacher)
         save_checkpoint(state, self.paths.backbone_pth)
         save_backbone_safetensors(state, self.paths.backbone_safetensors)
+        save_timm_folder(state, self.params.model, self.params.augment.global_size, self.paths.timm_folder)
 
     def summary(self, wall: float, images_seen: int, throughput: list[tuple[int, float]], resumed: bool) -> dict[str, Any]:
         history = self.progress.history
@@ -683,6 +686,14 @@ def write_training_records(summary: dict[str, Any], history: list[list[float]], 
     epochs = sorted({int(r[1]) for r in history})
     epoch_rows = [[e] + [_epoch_mean(history, e, i) for i in range(2, len(STEP_COLUMNS))] for e in epochs]
     _write_csv(reports / "epochs.csv", ("epoch",) + STEP_COLUMNS[2:], epoch_rows)
+    # the official code's log.txt: one JSON object per epoch (epoch means, train_ prefix), for grep
+    names = {"loss_total": "loss", "loss_cls": "cls", "loss_patch": "patch", "lr": "lr", "weight_decay": "wd"}
+    lines = []
+    for row in epoch_rows:
+        values = dict(zip(STEP_COLUMNS[2:], row[1:]))
+        entry = {f"train_{short}": values[column] for column, short in names.items()}
+        lines.append(json.dumps({**entry, "epoch": row[0]}))
+    atomic_write_text(reports / "log.txt", "".join(line + "\n" for line in lines))
     # always written (header only when pretrain.eval_every is 0), so DVC can declare it
     knn_rows = summary.get("knn_during_training") or []
     _write_csv(reports / "knn.csv", KNN_COLUMNS, knn_rows)

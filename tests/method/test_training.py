@@ -269,3 +269,30 @@ def test_knn_during_training_leaves_the_checkpoint_unchanged(tiny_folder, tiny_s
     assert all(0.0 <= float(r["knn_top1"]) <= 100.0 for r in rows)
     assert [row[0] for row in summary["knn_during_training"]] == [1, 2]
     assert not (plain.reports / "knn.csv").exists()
+
+
+def test_the_export_loads_by_name_in_timm_and_log_txt_has_one_line_per_epoch(tiny_folder, tiny_shards, tmp_path):
+    """The artifacts users expect: a timm model folder (config.json) and the official log.txt."""
+    import json
+
+    import timm
+
+    from pipeline.method.backbone_export import load_backbone
+    from pipeline.method.training import write_training_records
+
+    params, paths, summary = run(tiny_folder, tiny_shards, tmp_path, pretrain={"epochs": 2})
+    ours = load_backbone(params.model, paths.backbone_safetensors).eval()
+    by_name = timm.create_model(f"local-dir:{paths.timm_folder}", pretrained=True).eval()
+    overlay = timm.create_model(params.model.arch, pretrained=True, num_classes=0, dynamic_img_size=True,
+                                pretrained_cfg_overlay={"file": str(paths.backbone_safetensors)},
+                                **params.model.timm_shape()).eval()
+    images = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(by_name(images), ours(images)) and torch.equal(overlay(images), ours(images))
+    config = json.loads((paths.timm_folder / "config.json").read_text())
+    assert config["pretrained_cfg"]["input_size"] == [3, 16, 16] and config["model_args"]["embed_dim"] == 32
+    history = load_checkpoint(paths.checkpoint)["history"].tolist()
+    write_training_records(summary, history, paths.reports)
+    lines = [json.loads(line) for line in (paths.reports / "log.txt").read_text().splitlines()]
+    assert [line["epoch"] for line in lines] == [0, 1]
+    assert set(lines[0]) == {"train_loss", "train_cls", "train_patch", "train_lr", "train_wd", "epoch"}
