@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import statistics
 import subprocess
 from dataclasses import dataclass, field
@@ -321,7 +322,7 @@ def render_markdown(config: CompareConfig, summary: dict[str, Any], experiments:
     lines += ["", "### Which differences exceed the seed spread", ""]
     lines += _spread_statement({c: {r.name: summary["table"][r.name][c] for r in config.strategies} for c in COLUMNS},
                                n, floor)
-    lines += _paper_order_section(config, summary)
+    lines += _paper_order_section(config, summary, experiments)
     lines += _data_share_section(config, summary)
     lines += _chart_and_experiments(experiments, found, summary["missing"], records or {})
     return "\n".join(lines) + "\n"
@@ -350,7 +351,8 @@ def _spread_statement(stats: dict[str, dict[str, Stat | None]], n: int, floor: d
     return lines + [""]
 
 
-def _paper_order_section(config: CompareConfig, summary: dict[str, Any]) -> list[str]:
+def _paper_order_section(config: CompareConfig, summary: dict[str, Any],
+                         experiments: Sequence[Experiment] = ()) -> list[str]:
     """Where our k-NN ordering agrees with the paper's (High >= Hint > random > block > Low), pair by pair."""
     rows = {row.strategy: row.name for row in config.strategies if (row.ratio, row.ratio_var) == (0.3, 0.2)}
     chain = [s for s in PAPER_KNN_ORDER if s in rows]
@@ -378,7 +380,24 @@ def _paper_order_section(config: CompareConfig, summary: dict[str, Any]) -> list
         theirs = f" (paper: {paper[0] - paper[1]:+.1f})" if None not in paper else ""
         lines.append(f"- `{better}` vs `{worse}`: {a.mean:.1f} vs {b.mean:.1f}, {diff:+.1f}{theirs}: {verdict}.")
     lines += ["", f"{agree} of {len(pairs)} pairs point the paper's way in the mean."]
+    hint = next((row for row in config.strategies if row.strategy == "attmask_hint"), None)
+    if hint is not None and experiments:
+        lines += ["", hint_note(hint, experiments[0].expected)]
     return lines + [""]
+
+
+def hint_note(row: CompareStrategy, params: dict[str, Any]) -> str:
+    """What AttMask-Hint reveals on this patch grid: at most floor(show_max * (ratio + ratio_var) * P) patches."""
+    augment, model = params.get("augment") or {}, params.get("model") or {}
+    patch = model.get("patch_size") or 16
+    patches = (int(augment.get("global_size", 224)) // int(patch)) ** 2
+    show_max = float((params.get("masking") or {}).get("show_max", 0.1))
+    most = math.floor(show_max * (row.ratio + row.ratio_var) * patches)
+    if most == 0:
+        return (f"On this {patches}-patch grid AttMask-Hint reveals floor({show_max:g} x r x {patches}) = 0 patches for "
+                f"every ratio r up to {row.ratio + row.ratio_var:g}: it masks exactly what AttMask-High masks, so its "
+                "row equals AttMask-High's by construction, not by chance (a larger grid separates them).")
+    return f"On this {patches}-patch grid AttMask-Hint reveals up to {most} of the masked patches again."
 
 
 def wall_time_statement(found: dict[Experiment, Found]) -> str:

@@ -297,7 +297,11 @@ def plot_comparison(summary: dict[str, Any], names: Sequence[str], columns: dict
     import matplotlib.pyplot as plt
 
     with plt.style.context("default"):
-        fig, (bars, shares) = plt.subplots(1, 2, figsize=(12, 4.2), dpi=100, gridspec_kw={"width_ratios": [2.2, 1]})
+        with_shares = any(len(points) > 1 for points in summary["data_share"].values())  # 100% alone: no curve
+        if with_shares:
+            fig, (bars, shares) = plt.subplots(1, 2, figsize=(12, 4.2), dpi=100, gridspec_kw={"width_ratios": [2.2, 1]})
+        else:
+            fig, bars = plt.subplots(1, 1, figsize=(8.5, 4.2), dpi=100)
         width = 0.8 / len(columns)
         for i, column in enumerate(columns):
             stats = [summary["table"][n][column] for n in names]
@@ -311,15 +315,16 @@ def plot_comparison(summary: dict[str, Any], names: Sequence[str], columns: dict
         bars.set_ylabel("top-1 (%)")
         bars.set_title(f"Strategies (mean ± sd over {seeds} seeds)" if seeds > 1 else "Strategies (one seed, no spread)")
         bars.legend(fontsize=8)
-        for name in data_share_strategies:
+        for name in data_share_strategies if with_shares else ():
             points = [(s, st) for s, st in summary["data_share"][name].items() if st]
             if points:
                 shares.errorbar([p[0] for p in points], [p[1].mean for p in points],
                                 yerr=[p[1].sd or 0.0 for p in points], marker="o", capsize=3, label=name)
-        shares.set_xlabel("share of the train set (%)")
-        shares.set_ylabel(f"k-NN top-1, k = {knn_k} (%)")
-        shares.set_title("k-NN vs data share")
-        shares.legend(fontsize=8)
+        if with_shares:
+            shares.set_xlabel("share of the train set (%)")
+            shares.set_ylabel(f"k-NN top-1, k = {knn_k} (%)")
+            shares.set_title("k-NN vs data share")
+            shares.legend(fontsize=8)
         fig.tight_layout()
         path.parent.mkdir(parents=True, exist_ok=True)
         # no Software/date metadata: the same numbers give the same bytes

@@ -380,3 +380,13 @@ def test_queued_experiments_keep_their_sacred_records_and_the_report_links_them(
     row = next(line for line in (tmp_path / "out" / "comparison.md").read_text().splitlines()
                if line.startswith(f"| `{experiments[0].name}`"))
     assert row.endswith("| `pretrain/3` |")
+
+
+def test_the_report_says_when_hint_cannot_reveal_anything():
+    from pipeline.reporting.compare import hint_note
+
+    row = next(r for r in config().strategies if r.strategy == "attmask_hint")
+    tiny = {"augment": {"global_size": 32}, "model": {"patch_size": 8}, "masking": {"show_max": 0.1}}
+    assert "reveals floor(0.1 x r x 16) = 0 patches" in hint_note(row, tiny)  # the embedded default: Hint = High
+    paper = {"augment": {"global_size": 224}, "model": {"patch_size": 16}, "masking": {"show_max": 0.1}}
+    assert hint_note(row, paper) == "On this 196-patch grid AttMask-Hint reveals up to 9 of the masked patches again."
