@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 
 import torch
 
@@ -25,3 +26,20 @@ def test_generators_from_the_same_parts_draw_the_same_numbers():
     b = torch.rand(5, generator=make_generator(7, "masks", 2))
     c = torch.rand(5, generator=make_generator(7, "masks", 3))
     assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_configure_determinism_turns_on_deterministic_kernels(monkeypatch):
+    from pipeline.core.seeding import configure_determinism
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    before = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark
+    try:
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.benchmark = True
+        configure_determinism()
+        assert torch.are_deterministic_algorithms_enabled()
+        assert torch.backends.cudnn.benchmark is False
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"  # what cuBLAS needs to be deterministic
+    finally:
+        torch.use_deterministic_algorithms(before[0])
+        torch.backends.cudnn.benchmark = before[1]
