@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from pipeline.core.config import Params
+from pipeline.core.distributed import resolve_device
 from pipeline.core.files import write_json
 from pipeline.core.tracking import RunRecord
 from pipeline.evaluation.feature_files import load_variant, required_variants
@@ -23,12 +24,13 @@ VARIANTS = ("pretrained", "random_init")
 def main(params: Params, record: RunRecord | None = None) -> dict[str, Any]:
     """Write ``reports/eval/fewshot.json``: ``{variant: fewshot_knn result}``; returns the same."""
     config = params.fewshot
+    device = resolve_device(params.knn.device, key="knn.device")
     results = {}
     for variant in required_variants(FEATURES, VARIANTS):
         train, val = load_variant(FEATURES, variant)
         results[variant] = fewshot_knn(
             train, val, config.shots, config.draws, config.k, config.temperature, seed=params.seed,
-            chunk_size=params.knn.chunk_size,
+            chunk_size=params.knn.chunk_size, device=device,
         )
         if record is not None:
             for shots, value in results[variant].items():

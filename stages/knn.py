@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from pipeline.core.config import Params
+from pipeline.core.distributed import resolve_device
 from pipeline.core.files import write_json
 from pipeline.core.tracking import RunRecord
 from pipeline.evaluation.feature_files import VARIANTS, load_variant, required_variants
@@ -23,12 +24,13 @@ OUTPUT = EVAL_REPORTS / "knn.json"
 def main(params: Params, record: RunRecord | None = None) -> dict[str, Any]:
     """Write ``reports/eval/knn.json``: ``{variant: weighted_knn result}``; returns the same."""
     variants = required_variants(FEATURES, VARIANTS)
+    device = resolve_device(params.knn.device, key="knn.device")
     results = {}
     for variant in variants:
         train, val = load_variant(FEATURES, variant)
         results[variant] = weighted_knn(
             train.features, train.labels, val.features, val.labels, params.knn.k,
-            temperature=params.knn.temperature, chunk_size=params.knn.chunk_size,
+            temperature=params.knn.temperature, chunk_size=params.knn.chunk_size, device=device,
         )
         if record is not None:
             for metric in ("top1", "top5"):

@@ -279,6 +279,9 @@ class KnnConfig:
     k: tuple[int, ...] = (10, 20, 100, 200)
     temperature: float = 0.07
     chunk_size: int = 1024  # val rows scored at once: memory is chunk_size x train size
+    # where k-NN and few-shot k-NN compute: auto is CUDA when torch sees a GPU (at ImageNet scale the
+    # similarity matmuls take minutes there instead of ~14 min on 2 CPU cores)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
 
     def validate(self, prefix: str = "knn") -> None:
         if not self.k:

@@ -82,3 +82,30 @@ def test_linear_stage_writes_json(feature_tree, default_params):
     assert written["pretrained"]["top1"] == 100.0
     assert set(written["pretrained"]["cv"]) == {"0.1", "1", "10", "100", "1000"}
     assert written["pretrained"]["C"] in (0.1, 1.0, 10.0, 100.0, 1000.0)
+
+
+def test_knn_device_is_a_param_both_stages_use(feature_tree, monkeypatch):
+    """knn.device: auto computes on CUDA when torch sees a GPU; cuda without one is a params error."""
+    import torch
+
+    from pipeline.core.config import ParamsError
+    from pipeline.evaluation import knn as knn_library
+    from stages import fewshot, knn
+
+    seen = []
+    original = knn_library.weighted_knn
+
+    def spy(*args, device="cpu", **kwargs):
+        seen.append(torch.device(device))
+        return original(*args, device=device, **kwargs)
+
+    monkeypatch.setattr(knn, "weighted_knn", spy)
+    monkeypatch.setattr(knn_library, "weighted_knn", spy)  # fewshot_knn calls it inside the library
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    knn.main(params_from_dict({"knn": {"device": "auto"}}))
+    with pytest.warns(UserWarning, match="skipped"):  # the tiny tree has 12 images per class: 20-shot is skipped
+        fewshot.main(params_from_dict({"knn": {"device": "cpu"}}))
+    assert seen and set(seen) == {torch.device("cpu")}
+    with pytest.raises(ParamsError) as error:
+        knn.main(params_from_dict({"knn": {"device": "cuda"}}))
+    assert error.value.key == "knn.device"
