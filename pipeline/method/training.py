@@ -53,9 +53,6 @@ CHECKPOINT_FORMAT = 2  # 2: the run identity (auto resume) is stored
 # pretrain keys that never change what the stage writes (config.NOT_OUTPUT_KEYS): left out of a
 # checkpoint's run identity, so changing one does not block a resume.
 NOT_COMPUTATION_KEYS = NOT_OUTPUT_KEYS["pretrain"]
-# keys that may change the bits but not the maths: kernels (device, compile, fused AdamW) and the k-NN
-# curve's schedule. The legacy resume check ignores them; the run identity (auto resume) does not.
-RUN_CONTROL_KEYS = NOT_COMPUTATION_KEYS | {"device", "compile", "fused_adamw", "eval_every", "eval_k"}
 # k-NN while training (pretrain.eval_every): the DINO protocol's temperature, as the knn stage's default
 EVAL_TEMPERATURE = 0.07
 KNN_COLUMNS = ("epoch", "step", "knn_top1")
@@ -234,7 +231,6 @@ class Pretrainer:
     def state_dict(self) -> dict[str, Any]:
         return {
             "format": CHECKPOINT_FORMAT,
-            "params": _computation_params(self.params),
             "identity": self.identity,
             "epoch": self.progress.epoch,
             "step": self.progress.step,
@@ -248,7 +244,6 @@ class Pretrainer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("format") != CHECKPOINT_FORMAT:
             raise ParamsError("pretrain.resume", f"{self.paths.checkpoint}: unknown checkpoint format {state.get('format')!r}")
-        self._check_resumable(state["params"])
         try:
             self.student_module.load_state_dict(state["student"])
             self.teacher.load_state_dict(state["teacher"])
@@ -258,22 +253,6 @@ class Pretrainer:
             # matching params but other tensors: a hand-edited or foreign file; torch's message names no file
             raise CheckpointError(f"{self.paths.checkpoint}: does not fit this model ({error})") from error
         self.progress = Progress(int(state["epoch"]), int(state["step"]), state["history"].tolist())
-
-    def _check_resumable(self, saved: dict[str, Any]) -> None:
-        """Resuming is only sound when nothing but bookkeeping keys changed."""
-        current = _computation_params(self.params)
-        for section in sorted(set(saved) | set(current)):
-            old, new = saved.get(section), current.get(section)
-            if isinstance(old, dict) and isinstance(new, dict):
-                for key in sorted(set(old) | set(new)):
-                    if old.get(key) != new.get(key):
-                        raise ParamsError(
-                            f"{section}.{key}",
-                            f"the checkpoint {self.paths.checkpoint} was trained with {old.get(key)!r}, params say "
-                            f"{new.get(key)!r}; set pretrain.resume=never to start over",
-                        )
-            elif old != new:
-                raise ParamsError(section, f"the checkpoint was trained with {old!r}, params say {new!r}")
 
     # ------------------------------------------------------------ evaluation
     def evaluate_knn(self) -> float | None:
@@ -661,13 +640,6 @@ def _first_changed_key(old: Any, new: Any, prefix: str = "") -> tuple[str, Any, 
             if old.get(key) != new.get(key):
                 return _first_changed_key(old.get(key), new.get(key), f"{prefix}{key}.")
     return prefix.rstrip("."), old, new
-
-
-def _computation_params(params: Params) -> dict[str, Any]:
-    """The params that determine the trained weights (run-control keys removed)."""
-    values = {k: v for k, v in params_to_dict(params).items() if k in PRETRAIN_SECTIONS}
-    values["pretrain"] = {k: v for k, v in values["pretrain"].items() if k not in RUN_CONTROL_KEYS}
-    return values
 
 
 def _epoch_mean(history: list[list[float]], epoch: int, column: int) -> float | None:

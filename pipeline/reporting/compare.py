@@ -16,6 +16,7 @@ experiments of the current commit only, so a code change (committed) does too.
 """
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import math
@@ -408,14 +409,11 @@ def wall_time_statement(found: dict[Experiment, Found]) -> str:
     a gap over 3 times the median (the queue was stopped, or restarted later)
     counts as one median experiment, not as the pause.
     """
-    import datetime as dt
-    import statistics as st
-
-    times = sorted(dt.datetime.fromisoformat(f.timestamp) for f in found.values() if f.timestamp)
+    times = sorted(datetime.datetime.fromisoformat(f.timestamp) for f in found.values() if f.timestamp)
     if len(times) < 3:
         return ""
     gaps = [(b - a).total_seconds() / 60 for a, b in zip(times, times[1:])]
-    typical = st.median(gaps)
+    typical = statistics.median(gaps)
     if typical <= 0:
         return ""
     pauses = sum(g > 3 * typical for g in gaps)
