@@ -1,6 +1,6 @@
 """Run every benchmark and write reports/bench.md: ``make bench`` (``python -m bench``).
 
-    python -m bench              # CPU: data path, masking, pre-training step (embedded + ViT-S/16), k-NN, then bench.md
+    python -m bench              # CPU: data path, masking, pre-training step (embedded + ViT-S/16), k-NN, numerics, then bench.md
     python -m bench --quick      # the same on small sizes (a smoke run: figures not for quoting)
     python -m bench --only pretrain_step knn   # some of them, then bench.md
     python -m bench --gpu [part ...]           # the GPU harness (bench/gpu.py), then bench.md
@@ -19,14 +19,14 @@ from pathlib import Path
 
 from bench import render
 
-BENCHES = ("data", "masking", "pretrain_step", "knn")
+BENCHES = ("data", "masking", "pretrain_step", "knn", "numerics")
 RUN_RECORD = Path("reports/bench/run.json")
 
 
 MODULES = {"data": "bench.bench_data", "masking": "bench.bench_masking", "pretrain_step": "bench.bench_pretrain",
-           "knn": "bench.bench_knn"}
+           "knn": "bench.bench_knn", "numerics": "bench.bench_numerics"}
 QUICK_ARGS = {"data": ["--workers", "1"], "pretrain_step": ["--rounds", "2", "--batch-vit", "2", "--batch-embedded", "16"],
-              "knn": ["--quick"]}
+              "knn": ["--quick"], "numerics": ["--rounds", "2", "--steps", "1"]}
 
 
 def run(name: str, quick: bool) -> None:

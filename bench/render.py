@@ -18,7 +18,7 @@ from bench.stats import format_summary
 BENCH_DIR = Path("reports/bench")
 TIMING_DIR = Path("reports/timing")
 OUTPUT = Path("reports/bench.md")
-FILES = ("run", "pretrain_step", "data", "knn", "masking", "gpu_correctness", "gpu_step", "gpu_batch", "gpu_data", "knn_cuda",
+FILES = ("run", "pretrain_step", "data", "knn", "masking", "numerics", "gpu_correctness", "gpu_step", "gpu_batch", "gpu_data", "knn_cuda",
          "gpu_compile")
 # make repro's stages, in pipeline order (a stage without a timing file is listed as not measured yet)
 STAGES = ("generate", "shard", "pretrain", "extract", "knn", "fewshot", "linear", "finetune", "metrics", "report")
@@ -278,6 +278,34 @@ def masking_section(results: dict[str, Any]) -> list[str]:
     return lines + [""]
 
 
+def numerics_section(results: dict[str, Any]) -> list[str]:
+    """What each dispatch control changes on this CPU, and what ``numerics: portable`` costs."""
+    result = results.get("numerics")
+    if not result:
+        return []
+    config = result["config"]
+    lines = ["## Portable CPU numerics (`numerics` in params.yaml)", "",
+             f"One fresh process per setting trains the embedded model for {config['steps']} steps (attmask_high, "
+             "fixed crops) and fits a logistic regression on fixed features; the hashes are of the final weights and "
+             "coefficients. A control whose removal changes the bits here changes them between CPU generations.", "",
+             "| setting | ms per step | weights | classifier | same bits as portable |", "|---|---|---|---|---|"]
+    for name, entry in result["settings"].items():
+        run = entry["runs"][0]
+        steps = sorted(r["step_seconds"] * 1000 for r in entry["runs"])
+        differ = [what for what, equal in (("weights", entry["weights_equal_portable"]),
+                                           ("classifier", entry["probe_equal_portable"])) if not equal]
+        same = "yes" if not differ else " and ".join(differ) + " differ"
+        lines.append(f"| {name} | {steps[len(steps) // 2]:.0f} (n={len(steps)}) | `{run['weights']}` | `{run['probe']}` | "
+                     f"{same} |")
+    ratio = result["portable_over_native_step_time"]
+    compatible = result["compatible_over_native_step_time"]
+    same = all(e["same_bits_every_run"] for e in result["settings"].values())
+    lines += ["", f"portable / native step time: x{format_summary(ratio, digits=3)}; compatible / native: "
+              f"x{compatible:.2f} (one round). Every setting gave the same bits in every round: "
+              + ("yes." if same else "**no**."), ""]
+    return lines
+
+
 def timing_section(results: dict[str, Any]) -> list[str]:
     lines = ["## Embedded `make repro`: wall time per stage", ""]
     timing = results.get("timing") or {}
@@ -331,7 +359,7 @@ def render(results: dict[str, Any]) -> str:
         lines += ["**Smoke run (`python -m bench --quick`): small sizes and few repeats; these CPU figures are not for "
                   "quoting. `make bench` on a quiet machine replaces them.**", ""]
     for section in (machine_section, pretrain_section, gpu_checks_section, data_section, knn_section, masking_section,
-                    timing_section, estimate_section):
+                    numerics_section, timing_section, estimate_section):
         lines += section(results)
     lines += options_section()
     return "\n".join(lines)

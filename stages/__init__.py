@@ -4,6 +4,12 @@
 run with sacred and turns the errors a user can fix (bad params, bad data, a
 missing or foreign input, a full disk) into one line on stderr and exit status 2,
 instead of a traceback. ``ATTMASK_TRACEBACK=1`` shows the traceback anyway.
+
+Importing this package as the parent of ``python -m stages.<name>`` first puts
+the numerical libraries' dispatch controls of ``params.yaml``'s ``numerics``
+into the environment, re-executing the interpreter before torch or NumPy load
+(:func:`pipeline.core.numerics.ensure_numerics`); :func:`run_stage` checks
+again with the validated params.
 """
 from __future__ import annotations
 
@@ -12,6 +18,33 @@ import sys
 from typing import Any, Callable, NoReturn
 
 EXIT_USER_ERROR = 2
+
+
+def _numerics_before_imports(params_path: str = "params.yaml") -> None:
+    """Re-execute with ``numerics``' controls while nothing heavy is loaded yet (saves a second torch import).
+
+    Anything unreadable is left to :func:`run_stage`, which reports it properly.
+    """
+    try:
+        import yaml
+
+        mode = (yaml.safe_load(open(params_path)) or {}).get("numerics", "portable")
+        from pipeline.core.numerics import ensure_numerics, numerics_env
+
+        numerics_env(mode)
+    except Exception:
+        return
+    ensure_numerics(mode)
+
+
+def launched_as_stage() -> bool:
+    """Whether this process is ``python -m stages.<name>`` (directly, from DVC or under torchrun)."""
+    argv = sys.orig_argv
+    return any(a == "-m" and b.startswith("stages.") for a, b in zip(argv, argv[1:]))
+
+
+if sys.argv[:1] == ["-m"]:  # Python sets argv[0] to "-m" while it imports the parents of a `-m` module
+    _numerics_before_imports()
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -41,11 +74,16 @@ def run_stage(stage: str, main: Callable[[Any, Any], dict[str, Any]], enabled: b
     A user error ends the process with one line on stderr and exit status 2.
     """
     from pipeline.core.config import load_params
-    from pipeline.core.numerics import limit_threads
+    from pipeline.core.numerics import configure_numerics, ensure_numerics, limit_threads
     from pipeline.core.tracking import record_run
 
     try:
         params = load_params(params_path)
+        if launched_as_stage():  # called in-process (tests, a notebook): the record says what numerics it had
+            ensure_numerics(params.numerics)
+        warning = configure_numerics(params.numerics)
+        if warning:
+            print(f"{stage}: {warning}", file=sys.stderr, flush=True)
         limit_threads(params.threads)
         return record_run(stage, params, lambda record: main(params, record), enabled=enabled)
     except user_errors() as error:

@@ -6,6 +6,12 @@
 (b) ``dvc push`` to a local directory remote, a fresh ``git clone`` and
     ``dvc pull`` restore the metrics, reports and models, and ``dvc status`` is
     clean: nothing has to be rerun.
+(c) The golden test: every output file's MD5 equals the one committed in
+    ``tests/golden/tiny_pipeline.json``, whichever x86-64 CPU runs it (the tiny
+    config computes with ``numerics: compatible``, the mode whose bits MKL
+    documents as the same on Intel and AMD). A mismatch names the first stage
+    and file that differ and both machines' CPU, ISA, threads and libraries.
+    ``ATTMASK_UPDATE_GOLDEN=1`` rewrites the file instead, after a deliberate change.
 
 Both run the real stages as DVC runs them (``python -m stages.X`` from PATH);
 process start-up dominates, hence the tiny params (2 classes x 8 images).
@@ -30,6 +36,7 @@ pytestmark = pytest.mark.slow
 # 2 classes x 8 train / 4 val images of 16 px, a 2-block ViT, one epoch of everything;
 # loader workers as in the defaults (a worker process must not change the bytes)
 TINY: dict[str, Any] = {
+    "numerics": "compatible",  # the golden hashes must hold on any x86-64 CPU, Intel or AMD
     "data": {"shard_size": 8, "synthetic": {"num_classes": 2, "train_per_class": 8, "val_per_class": 4, "image_size": 16}},
     "model": {"img_size": 16, "embed_dim": 32, "depth": 2, "num_heads": 2, "out_dim": 64, "head_hidden_dim": 64,
               "head_bottleneck_dim": 32},
@@ -43,6 +50,7 @@ TINY: dict[str, Any] = {
     "linear": {"c_values": [1.0], "cv_folds": 2, "max_iter": 100},
     "finetune": {"epochs": 1, "batch_size": 8, "warmup_epochs": 0, "num_workers": 0, "device": "cpu"},
 }
+GOLDEN = REPO / "tests" / "golden" / "tiny_pipeline.json"
 # what a collaborator needs after `dvc pull` (git carries the cache: false ones)
 RESTORED = ("reports/metrics.json", "reports/eval/knn.json", "reports/eval/finetune.json", "reports/pretrain/steps.csv",
             "models/pretrain/backbone.safetensors", "data/features/pretrained/val.npz", "data/shards/manifest.json")
@@ -167,3 +175,69 @@ def test_a_killed_pretrain_continues_on_a_plain_dvc_repro(tmp_path: Path) -> Non
     for name in ("models/pretrain/checkpoint.pt", "models/pretrain/backbone.safetensors", "reports/pretrain/steps.csv",
                  "reports/pretrain/knn.csv", "reports/pretrain/metrics.json"):
         assert (killed / name).read_bytes() == (plain / name).read_bytes(), name
+
+
+def output_hashes(repo: Path, lock_text: str) -> dict[str, dict[str, str]]:
+    """Stage -> output file (relative to the repository) -> MD5, in pipeline order; directories file by file."""
+    import hashlib
+
+    found: dict[str, dict[str, str]] = {}
+    for stage, outs in outs_by_stage(lock_text).items():
+        files: dict[str, str] = {}
+        for out, _ in outs:
+            path = repo / out
+            for item in sorted(path.rglob("*")) if path.is_dir() else [path]:
+                if item.is_file():
+                    files[item.relative_to(repo).as_posix()] = hashlib.md5(item.read_bytes()).hexdigest()
+        found[stage] = files
+    return found
+
+
+def machine_record() -> dict[str, Any]:
+    """What can make one machine's bits differ from another's, for the golden test's message."""
+    from pipeline.core.tracking import environment, package_versions
+
+    env = environment()
+    return {"cpu": env["cpu"], "cpu_family": env["cpu_family"], "cpu_model_number": env["cpu_model_number"],
+            "isa": env["isa"], "threads": 2, "numerics": TINY["numerics"], "python": env["python"],
+            "lock_sha256": env["lock_sha256"], "packages": package_versions()}
+
+
+def first_difference(expected: dict[str, dict[str, str]], actual: dict[str, dict[str, str]]) -> str | None:
+    """``"stage pretrain, file models/pretrain/checkpoint.pt: md5 ... here, ... in the golden file"`` or None."""
+    for stage, files in expected.items():
+        got = actual.get(stage)
+        if got is None:
+            return f"stage {stage}: in the golden file, not in this pipeline"
+        for name in sorted(set(files) | set(got)):
+            if files.get(name) != got.get(name):
+                return (f"stage {stage}, file {name}: md5 {got.get(name, 'missing')} here, "
+                        f"{files.get(name, 'missing')} in the golden file")
+    extra = [stage for stage in actual if stage not in expected]
+    return f"stage {extra[0]}: in this pipeline, not in the golden file" if extra else None
+
+
+def test_golden_the_tiny_pipeline_gives_the_committed_bytes(reproduced: tuple[Path, str, str]) -> None:
+    repo, first, _ = reproduced
+    actual = output_hashes(repo, first)
+    if os.environ.get("ATTMASK_UPDATE_GOLDEN"):
+        GOLDEN.parent.mkdir(exist_ok=True)
+        GOLDEN.write_text(json.dumps({"machine": machine_record(), "outputs": actual}, indent=2) + "\n")
+        pytest.skip(f"rewrote {GOLDEN.relative_to(REPO)}")
+    golden = json.loads(GOLDEN.read_text())
+    difference = first_difference(golden["outputs"], actual)
+    assert difference is None, (
+        f"the tiny pipeline's outputs differ from {GOLDEN.relative_to(REPO)}: first difference: {difference}\n"
+        f"  golden machine: {json.dumps(golden['machine'], sort_keys=True)}\n"
+        f"  this machine:   {json.dumps(machine_record(), sort_keys=True)}\n"
+        "After a deliberate change: ATTMASK_UPDATE_GOLDEN=1 pytest tests/test_reproducibility.py -k golden")
+
+
+def test_golden_mismatch_names_the_first_stage_and_file() -> None:
+    expected = {"generate": {"data/a.png": "1"}, "pretrain": {"m/c.pt": "2", "m/d.pt": "3"}}
+    assert first_difference(expected, expected) is None
+    assert first_difference(expected, {"generate": {"data/a.png": "1"}, "pretrain": {"m/c.pt": "2", "m/d.pt": "4"}}) == (
+        "stage pretrain, file m/d.pt: md5 4 here, 3 in the golden file")
+    assert first_difference(expected, {"generate": {}, "pretrain": {}}) == (
+        "stage generate, file data/a.png: md5 missing here, 1 in the golden file")
+    assert first_difference(expected, {**expected, "knn": {}}) == "stage knn: in this pipeline, not in the golden file"

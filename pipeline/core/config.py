@@ -468,6 +468,7 @@ class Params:
 
     seed: int = 0
     threads: int = 2  # torch / BLAS / OpenMP threads of every stage: part of what a result depends on
+    numerics: Literal["portable", "compatible", "native"] = "portable"  # which ISA the numerical libraries use (core/numerics.py)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     masking: MaskingConfig = field(default_factory=MaskingConfig)

@@ -27,6 +27,7 @@ from typing import Any, Callable, Sequence
 
 from pipeline.core.config import Params, params_to_dict
 from pipeline.core.files import atomic_write_text, sha256_file, write_json
+from pipeline.core.numerics import describe_numerics
 
 
 
@@ -207,10 +208,12 @@ def environment() -> dict[str, Any]:
 
     ``lock_sha256``: SHA-256 of ``requirements.lock`` (None outside a checkout);
     ``cpu_family`` / ``cpu_model_number`` and ``isa``: the x86 family, model and the
-    ISA flags (of :data:`ISA_FLAGS`) that the CPU reports.
+    ISA flags (of :data:`ISA_FLAGS`) that the CPU reports; ``numerics``: the
+    libraries' dispatch settings (:func:`pipeline.core.numerics.describe_numerics`).
     """
     info: dict[str, Any] = {"python": platform.python_version(), "lock_sha256": None,
-                            "cpu": cpu_model(), "cpu_family": None, "cpu_model_number": None, "isa": []}
+                            "cpu": cpu_model(), "cpu_family": None, "cpu_model_number": None, "isa": [],
+                            "numerics": describe_numerics()}
     if LOCK_FILE.is_file():
         info["lock_sha256"] = sha256_file(LOCK_FILE)
     try:

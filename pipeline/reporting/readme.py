@@ -156,7 +156,7 @@ def describe_machine() -> dict[str, Any]:
 
 
 def format_environment(env: dict[str, Any] | None) -> str:
-    """``Python 3.11.7, requirements.lock 1a2b3c4d5e6f, CPU family 25 model 17, ISA avx2 fma avx512f``."""
+    """``Python 3.11.7, requirements.lock 1a2b3c4d5e6f, CPU family 25 model 17, ISA avx2 fma avx512f, numerics ...``."""
     if not env:
         return "not recorded"
     lock = env.get("lock_sha256")
@@ -164,7 +164,21 @@ def format_environment(env: dict[str, Any] | None) -> str:
     if env.get("cpu_family") is not None:
         parts.append(f"CPU family {env['cpu_family']} model {env.get('cpu_model_number')}")
     parts.append("ISA " + (" ".join(env.get("isa") or []) or "not recorded"))
+    if env.get("numerics"):
+        parts.append(format_numerics(env["numerics"]))
     return ", ".join(parts)
+
+
+def format_numerics(numerics: dict[str, Any]) -> str:
+    """``numerics portable (torch AVX2, MKL AVX2 strict, oneDNN off)`` from :func:`describe_numerics`'s record."""
+    details = []
+    if numerics.get("torch_cpu_capability"):
+        details.append(f"torch {numerics['torch_cpu_capability']}")
+    if numerics.get("mkl"):
+        details.append(f"MKL {numerics['mkl']['branch']}" + (" strict" if numerics["mkl"].get("strict") else ""))
+    if "onednn" in numerics:
+        details.append("oneDNN " + ("on" if numerics["onednn"] else "off"))
+    return f"numerics {numerics.get('mode')}" + (f" ({', '.join(details)})" if details else "")
 
 
 def summarize_markdown(path: Path, limit: int = 300) -> str | None:

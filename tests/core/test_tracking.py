@@ -98,3 +98,6 @@ def test_the_report_header_shows_the_environment():
            "isa": ["avx2", "avx512f"]}
     assert format_environment(env) == "Python 3.11.7, requirements.lock a1f2e6b0e482, CPU family 25 model 17, ISA avx2 avx512f"
     assert format_environment(None) == "not recorded"
+    env["numerics"] = {"mode": "portable", "env": {}, "torch_cpu_capability": "AVX2", "onednn": False, "nnpack": False,
+                       "mkl": {"branch": "AVX2", "strict": True}}
+    assert format_environment(env).endswith(", numerics portable (torch AVX2, MKL AVX2 strict, oneDNN off)")

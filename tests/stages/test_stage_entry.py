@@ -63,3 +63,14 @@ def test_traceback_on_request(tmp_path, monkeypatch):
 
 def test_describe_error_without_message():
     assert describe_error("pretrain", KeyboardInterrupt()) == "pretrain: KeyboardInterrupt"
+
+
+def test_only_a_stage_process_re_executes_for_its_numerics(monkeypatch):
+    """run_stage called in-process (here, pytest) must never replace the process."""
+    import stages
+
+    assert not stages.launched_as_stage()
+    monkeypatch.setattr("sys.orig_argv", ["python", "-u", "-m", "stages.pretrain"])
+    assert stages.launched_as_stage()
+    monkeypatch.setattr("sys.orig_argv", ["python", "-m", "pytest", "tests"])
+    assert not stages.launched_as_stage()
