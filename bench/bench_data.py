@@ -6,7 +6,10 @@ overhead plus decoding) in a temp dir, then times
 
 - writing: :func:`pipeline.data.shard_writer.write_shards` (full decode check + tar writing),
   with the check in-process and in a 2-process pool;
-- opening: :func:`pipeline.data.shard_reader.open_split` (SHA-256 verification + tar index);
+- opening: :func:`pipeline.data.shard_reader.open_split` at both ``data.verify`` levels
+  (``index``: sizes, tar headers, labels; ``full``: also SHA-256 of every byte), the
+  shards dropped from the page cache before each open, and each level scaled to
+  ImageNet's train split (per sample for ``index``, per byte for ``full``);
 - loading: a DataLoader over :class:`pipeline.data.shard_reader.ShardDataset` (read, decode,
   RGB, to tensor) with ``num_workers`` 0 and 2;
 - the training data path, per worker process: shard read + decode + DINO
@@ -36,7 +39,7 @@ from torch.utils.data import DataLoader
 
 from pipeline.core.config import AugmentConfig
 from pipeline.data.augment import MultiCropAugmentation
-from pipeline.data.shard_reader import ShardDataset, open_split
+from pipeline.data.shard_reader import VERIFY_LEVELS, ShardDataset, open_split
 from pipeline.data.shard_writer import write_shards
 from bench.stats import summarize
 
@@ -98,6 +101,44 @@ def time_loading(out: Path, num_workers: int) -> dict[str, float]:
         if epoch > 0:  # epoch 0 warms the page cache and imports
             seen, seconds = seen + count, seconds + time.perf_counter() - start
     return {"seconds_per_epoch": seconds / EPOCHS, "images_per_second": seen / seconds}
+
+
+IMAGENET_TRAIN = {"images": 1_281_167, "shard_bytes": 140e9}  # the ILSVRC-2012 train split as shards
+
+
+def drop_from_page_cache(shard_dir: Path) -> bool:
+    """Ask the kernel to forget the shards' cached pages, so the next open reads the disk (False: not possible here)."""
+    if not hasattr(os, "posix_fadvise"):
+        return False
+    for path in shard_dir.glob("*.tar"):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    return True
+
+
+def time_open(shards: Path, repeats: int = 3) -> dict[str, Any]:
+    """Seconds to open the train split at each verify level, and the same scaled to ImageNet's train split."""
+    from bench.stats import summarize
+
+    result: dict[str, Any] = {"levels": {}}
+    for level in VERIFY_LEVELS:
+        seconds = []
+        for _ in range(repeats):
+            result["cold"] = drop_from_page_cache(shards)
+            start = time.perf_counter()
+            split = open_split(shards, "train", verify=level)
+            seconds.append(time.perf_counter() - start)
+        result["levels"][level] = summarize(seconds)
+    samples, size = len(split), sum(entry.size for entry in split.entries)
+    result.update(samples=samples, shard_bytes=size)
+    # index costs per sample (headers and labels), full per byte (every byte read and hashed)
+    result["imagenet_seconds"] = {
+        "index": result["levels"]["index"]["median"] / samples * IMAGENET_TRAIN["images"],
+        "full": result["levels"]["full"]["median"] / size * IMAGENET_TRAIN["shard_bytes"]}
+    return result
 
 
 def build_photo_folder(root: Path, count: int, kind: str, width: int, height: int) -> None:
@@ -170,16 +211,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         root, out = Path(tmp) / "images", Path(tmp) / "shards"
         files = build_folder(root)
         writing = {f"check_workers_{w}": time_writing(root, out, files, w) for w in (0, 2)}
-        start = time.perf_counter()
-        split = open_split(out, "train")
-        open_seconds = time.perf_counter() - start
+        opening = time_open(out)
         shard_bytes = sum(p.stat().st_size for p in out.glob("*.tar"))
         loading = {f"num_workers_{w}": time_loading(out, w) for w in (0, 2)}
     report = {
         "images": {"train": CLASSES * TRAIN_PER_CLASS, "val": CLASSES * VAL_PER_CLASS, "size": IMAGE_SIZE,
                    "format": "JPEG q90", "shard_bytes": shard_bytes},
         "write_shards": writing,
-        "open_split": {"seconds": open_seconds, "samples": len(split)},
+        "open_split": opening,
         "loader": {"batch_size": BATCH, "epochs_timed": EPOCHS, **loading},
         "multicrop": multicrop(tuple(args.workers)),
         "cpu_count": os.cpu_count(),
@@ -190,7 +229,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"data bench: {files} JPEGs {IMAGE_SIZE}px, {os.cpu_count()} CPUs")
     for name, t in writing.items():
         print(f"  write_shards ({name}): {t['images_per_second']:8.0f} images/s")
-    print(f"  open_split (verify + index {len(split)} samples): {open_seconds * 1e3:.1f} ms")
+    for level, seconds in opening["levels"].items():
+        print(f"  open_split (verify={level}, {opening['samples']} samples): {seconds['median'] * 1e3:.1f} ms; "
+              f"ImageNet train: {opening['imagenet_seconds'][level] / 60:.1f} min per rank and stage start")
     for name, t in loading.items():
         print(f"  loader ({name}, decode + to tensor): {t['images_per_second']:8.0f} images/s")
     _print_multicrop(report["multicrop"])

@@ -13,9 +13,11 @@ load), with the environment of :func:`pipeline.core.numerics.numerics_env`:
   ISA would give other bits without it.
 
 A process trains the embedded model (params.yaml, ``attmask_high``) for
-``--steps`` steps on fixed random crops and fits the linear probe's
-scikit-learn classifier on fixed random features; it reports the step time
-and SHA-256 of the final weights and of the classifier's coefficients.
+``--steps`` steps on fixed random crops, fits the linear probe's
+scikit-learn classifier on fixed random features and takes NumPy's float64
+sin, cos, exp and log (what the synthetic generator draws with); it reports
+the step time and SHA-256 of the final weights, the classifier's
+coefficients and NumPy's results.
 ``native`` and ``portable`` alternate over ``--rounds`` rounds so that machine
 noise hits both; the cost is the per-round ratio of their median step times.
 
@@ -74,8 +76,11 @@ def child(steps: int, onednn: bool) -> dict[str, Any]:
     labels = rng.integers(0, 10, 2000)
     classifier = LogisticRegression(max_iter=raw["linear"]["max_iter"], random_state=0)
     classifier.fit(l2_normalize(features), labels)
+    angles = rng.uniform(-10.0, 10.0, 100_000)  # the float64 maths the synthetic generator draws shapes with
+    maths = [np.sin(angles), np.cos(angles), np.exp(angles), np.log(np.abs(angles))]
     return {"step_seconds": sorted(times[1:])[len(times[1:]) // 2], "weights": _digest(weights),
-            "probe": _digest([classifier.coef_, classifier.intercept_]), "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+            "probe": _digest([classifier.coef_, classifier.intercept_]), "numpy": _digest(maths),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability()}
 
 
 def run_setting(env: dict[str, str], onednn: bool, steps: int) -> dict[str, Any]:
@@ -118,16 +123,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             results[name].append(run_setting(*settings[name], args.steps))
             last = results[name][-1]
             print(f"  {name:34s} {last['step_seconds'] * 1000:8.1f} ms/step  weights {last['weights']}  "
-                  f"probe {last['probe']}  ATen {last['cpu_capability']}", flush=True)
+                  f"probe {last['probe']}  numpy {last['numpy']}  ATen {last['cpu_capability']}", flush=True)
     reference = results["portable"][0]
     report: dict[str, Any] = {"machine": machine_info(), "config": {"rounds": args.rounds, "steps": args.steps},
                               "settings": {}}
     for name, runs in results.items():
         report["settings"][name] = {
             "env": settings[name][0], "onednn": settings[name][1], "runs": runs,
-            "same_bits_every_run": len({(r["weights"], r["probe"]) for r in runs}) == 1,
-            "weights_equal_portable": runs[0]["weights"] == reference["weights"],
-            "probe_equal_portable": runs[0]["probe"] == reference["probe"]}
+            "same_bits_every_run": len({(r["weights"], r["probe"], r["numpy"]) for r in runs}) == 1,
+            "differ_from_portable": [k for k in ("weights", "probe", "numpy") if runs[0][k] != reference[k]]}
     ratios = [p["step_seconds"] / n["step_seconds"] for p, n in zip(results["portable"], results["native"])]
     report["portable_over_native_step_time"] = summarize(ratios)
     # compatible runs once, in round 0: its ratio is to that round's native

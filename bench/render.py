@@ -241,6 +241,18 @@ def data_section(results: dict[str, Any]) -> list[str]:
         lines.append(f"Shard writing {writing} images/s; loader with decoding only {reading} images/s "
                      f"({plain['images']['size']} px JPEG).")
         lines.append("")
+        opening = plain.get("open_split") or {}
+        if "levels" in opening:
+            lines += [f"Opening the train split ({opening['samples']:,} samples, {opening['shard_bytes'] / 1e6:.1f} MB; "
+                      + ("shards dropped from the page cache first" if opening.get("cold") else "page cache warm")
+                      + "), per `data.verify` level, and scaled to ImageNet's train split (1.28M images, 140 GB; "
+                      "`index` per sample, `full` per byte):", "",
+                      "| `data.verify` | what it checks | open | ImageNet, per rank and stage start |", "|---|---|---|---|"]
+            checks = {"index": "sizes, tar headers, labels", "full": "also SHA-256 of every byte"}
+            for level, seconds in opening["levels"].items():
+                lines.append(f"| {level} | {checks.get(level, '')} | {format_summary(seconds, 1000, 1, ' ms')} | "
+                             f"{opening['imagenet_seconds'][level] / 60:.1f} min |")
+            lines.append("")
     return lines
 
 
@@ -286,17 +298,16 @@ def numerics_section(results: dict[str, Any]) -> list[str]:
     config = result["config"]
     lines = ["## Portable CPU numerics (`numerics` in params.yaml)", "",
              f"One fresh process per setting trains the embedded model for {config['steps']} steps (attmask_high, "
-             "fixed crops) and fits a logistic regression on fixed features; the hashes are of the final weights and "
-             "coefficients. A control whose removal changes the bits here changes them between CPU generations.", "",
-             "| setting | ms per step | weights | classifier | same bits as portable |", "|---|---|---|---|---|"]
+             "fixed crops), fits a logistic regression on fixed features and takes NumPy's float64 sin, cos, exp and "
+             "log; the hashes are of the final weights, the coefficients and NumPy's results. A control whose removal "
+             "changes the bits here changes them between CPU generations.", "",
+             "| setting | ms per step | weights | classifier | NumPy | differs from portable in |", "|---|---|---|---|---|---|"]
     for name, entry in result["settings"].items():
         run = entry["runs"][0]
         steps = sorted(r["step_seconds"] * 1000 for r in entry["runs"])
-        differ = [what for what, equal in (("weights", entry["weights_equal_portable"]),
-                                           ("classifier", entry["probe_equal_portable"])) if not equal]
-        same = "yes" if not differ else " and ".join(differ) + " differ"
+        differ = ", ".join(entry["differ_from_portable"]) or "-"
         lines.append(f"| {name} | {steps[len(steps) // 2]:.0f} (n={len(steps)}) | `{run['weights']}` | `{run['probe']}` | "
-                     f"{same} |")
+                     f"`{run['numpy']}` | {differ} |")
     ratio = result["portable_over_native_step_time"]
     compatible = result["compatible_over_native_step_time"]
     same = all(e["same_bits_every_run"] for e in result["settings"].values())

@@ -315,7 +315,7 @@ class FewshotConfig:
 class LinearConfig:
     """Logistic-regression probe; C chosen by cross-validation on train features only."""
 
-    c_values: tuple[float, ...] = (0.1, 1.0, 10.0, 100.0, 1000.0)
+    c_values: tuple[float, ...] = (1.0, 10.0, 100.0, 1000.0)
     cv_folds: int = 3
     max_iter: int = 1000
 
@@ -333,7 +333,7 @@ class FinetuneConfig:
     """End-to-end fine-tuning of the pre-trained backbone with a new linear head."""
 
     data_root: str | None = None  # None: the pipeline's own shards; else an ImageNet-layout folder
-    epochs: int = 10
+    epochs: int = 6
     batch_size: int = 64
     lr: float = 1e-3  # per 256 images
     min_lr: float = 1e-6

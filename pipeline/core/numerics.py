@@ -12,12 +12,13 @@ Two things change the bits of a CPU result besides params, data and code:
   generations give different bits. ``params.yaml``'s ``numerics`` (one of
   :data:`NUMERICS_MODES`) decides:
 
-  - ``portable`` (default) pins every library to AVX2, which every x86-64 CPU
-    of the last decade has: the environment of :data:`PORTABLE_ENV`, plus
-    torch's oneDNN and NNPACK kernels off (:func:`configure_numerics`), whose
-    blocking follows the cache sizes even at a fixed ISA. MKL documents its
-    AVX2 branch as identical on Intel CPUs only: on other CPUs it falls back to
-    its own choice (:func:`mkl_branch` tells, and the stage log says so).
+  - ``portable`` (default) pins ATen, OpenBLAS and NumPy to AVX2, which every
+    x86-64 CPU of the last decade has, and MKL to its AVX-512 branch: the
+    environment of :data:`PORTABLE_ENV`, plus torch's oneDNN and NNPACK
+    kernels off (:func:`configure_numerics`), whose blocking follows the cache
+    sizes even at a fixed ISA. MKL honours a branch on Intel CPUs only (the
+    AVX-512 one on Intel Xeons): elsewhere it falls back to its own choice
+    (:func:`mkl_branch` tells, and the stage log says so).
   - ``compatible``: portable with MKL's SSE2 branch, the one MKL documents as
     identical on Intel and AMD alike; GEMMs run ~2.5x slower.
   - ``native`` leaves every library free: fastest, identical only on the same
@@ -41,7 +42,9 @@ NUMERICS_MODES = ("portable", "compatible", "native")
 # Each library's own dispatch switch, pinned to the AVX2 level (read once, when the library loads).
 PORTABLE_ENV: dict[str, str] = {
     "ATEN_CPU_CAPABILITY": "avx2",         # torch's vectorised kernels (reductions, softmax, GELU, AdamW)
-    "MKL_CBWR": "AVX2,STRICT",             # torch's GEMMs: MKL's reproducible mode, AVX2 branch, fixed blocking
+    # torch's GEMMs: MKL's reproducible mode, fixed blocking. AVX512, not AVX2: MKL honours either branch on Intel
+    # only (AMD gets its AUTO branch either way), and AVX2 made the embedded pre-training step 1.39x slower, not 1.1x
+    "MKL_CBWR": "AVX512,STRICT",
     "ONEDNN_MAX_CPU_ISA": "AVX2",          # oneDNN, should a kernel still reach it
     "OPENBLAS_CORETYPE": "Haswell",        # NumPy / SciPy / scikit-learn GEMMs (OpenBLAS's AVX2 kernels)
     "NPY_ENABLE_CPU_FEATURES": "X86_V3",   # NumPy's own SIMD loops: the AVX2 (x86-64-v3) targets only

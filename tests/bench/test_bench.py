@@ -215,3 +215,22 @@ def test_gpu_harness_dry_run_writes_what_the_report_renders(tmp_path):
     text = render.render(results)
     assert "*Dry run of the GPU harness on CPU, not GPU figures:* **bf16 vs float32 loss**" in text
     assert "**Largest batch** (attmask_high)" in text and "**torch.compile** (attmask_high" in text
+
+
+def test_numerics_section_names_what_differs_from_portable_and_the_cost(tmp_path):
+    def entry(weights, probe, numpy, differ, ms=(100.0,)):
+        runs = [{"step_seconds": m / 1000, "weights": weights, "probe": probe, "numpy": numpy} for m in ms]
+        return {"env": {}, "onednn": False, "runs": runs, "same_bits_every_run": True, "differ_from_portable": differ}
+
+    result = {"config": {"rounds": 2, "steps": 4},
+              "settings": {"native": entry("w1", "p1", "n1", ["weights", "probe", "numpy"], (80.0, 90.0)),
+                           "portable": entry("w0", "p0", "n0", [], (100.0, 110.0)),
+                           "portable - NPY_ENABLE_CPU_FEATURES": entry("w0", "p0", "n1", ["numpy"])},
+              "portable_over_native_step_time": summarize([1.25, 1.2]), "compatible_over_native_step_time": 2.5}
+    (tmp_path / "numerics.json").write_text(json.dumps(result))
+    text = "\n".join(render.numerics_section(render.load_results(tmp_path, tmp_path / "none")))
+    assert "| portable - NPY_ENABLE_CPU_FEATURES | 100 (n=1) | `w0` | `p0` | `n1` | numpy |" in text
+    assert "| native | 90 (n=2) | `w1` | `p1` | `n1` | weights, probe, numpy |" in text
+    assert "| portable | 110 (n=2) | `w0` | `p0` | `n0` | - |" in text
+    assert "portable / native step time: x1.225 (1.200-1.250, n=2); compatible / native: x2.50" in text
+    assert "same bits in every round: yes." in text

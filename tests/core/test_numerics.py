@@ -59,9 +59,9 @@ def test_the_modes_are_the_params_choices():
     assert error.value.key == "numerics"
 
 
-def test_portable_pins_every_library_to_avx2_and_compatible_only_changes_mkl():
+def test_portable_pins_the_libraries_and_compatible_only_changes_mkl():
     portable, compatible = numerics.numerics_env("portable"), numerics.numerics_env("compatible")
-    assert portable == {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2,STRICT", "ONEDNN_MAX_CPU_ISA": "AVX2",
+    assert portable == {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX512,STRICT", "ONEDNN_MAX_CPU_ISA": "AVX2",
                         "OPENBLAS_CORETYPE": "Haswell", "NPY_ENABLE_CPU_FEATURES": "X86_V3"}
     assert compatible == {**portable, "MKL_CBWR": "COMPATIBLE,STRICT"}
     assert numerics.numerics_env("native") == {}
@@ -138,8 +138,8 @@ def test_mkl_reports_the_branch_it_was_given():
 
 
 def test_a_cpu_where_mkl_ignores_the_branch_gets_a_one_line_warning(monkeypatch):
-    """On AMD, MKL takes MKL_CBWR=AVX2 as its AUTO branch (MKL's docs): the stage log must say so."""
-    monkeypatch.setenv("MKL_CBWR", "AVX2,STRICT")
+    """On AMD, MKL takes MKL_CBWR=AVX512 as its AUTO branch (MKL's docs): the stage log must say so."""
+    monkeypatch.setenv("MKL_CBWR", "AVX512,STRICT")
     monkeypatch.setattr(numerics, "mkl_branch", lambda: {"branch": "AUTO", "strict": True})
     before = torch.backends.mkldnn.enabled, torch._C._get_nnpack_enabled()
     try:
@@ -147,5 +147,5 @@ def test_a_cpu_where_mkl_ignores_the_branch_gets_a_one_line_warning(monkeypatch)
     finally:
         torch.backends.mkldnn.enabled = before[0]
         torch.backends.nnpack.set_flags(before[1])
-    assert warning.startswith("numerics: portable: MKL ignores MKL_CBWR=AVX2 on this CPU and uses its AUTO branch")
+    assert warning.startswith("numerics: portable: MKL ignores MKL_CBWR=AVX512 on this CPU and uses its AUTO branch")
     assert "\n" not in warning and "numerics: compatible" in warning

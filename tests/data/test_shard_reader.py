@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import os
 import pickle
 import random
 import shutil
@@ -128,23 +129,63 @@ def test_plain_webdataset_reads_the_shards(shard_dir, train):
         assert image.size == train.image(i).size
 
 
-@pytest.mark.parametrize("damage", ["flip_byte", "append", "delete"])
-def test_tampered_or_missing_shard_is_refused_by_name(shard_dir, tmp_path, damage):
+def damaged_copy(shard_dir: Path, tmp_path: Path, damage: str) -> Path:
     copy = tmp_path / "shards"
     shutil.copytree(shard_dir, copy)
     victim = copy / "train-000002.tar"
     if damage == "delete":
         victim.unlink()
-    else:
-        content = bytearray(victim.read_bytes())
-        if damage == "flip_byte":
-            content[1000] ^= 0xFF
-        else:
-            content += b"\0"
-        victim.write_bytes(bytes(content))
+        return copy
+    content = bytearray(victim.read_bytes())
+    if damage == "append":
+        content += b"\0"
+    else:  # flip one byte of the first member's header, or of the first image's data (same size either way)
+        members = _ustar_members(bytes(content))
+        image = next(offset for name, offset, _ in members if name.endswith((".png", ".jpg")))
+        content[100 if damage == "flip_header" else image + 40] ^= 0xFF
+    victim.write_bytes(bytes(content))
+    return copy
+
+
+@pytest.mark.parametrize("verify", ["index", "full"])
+@pytest.mark.parametrize("damage", ["flip_header", "append", "delete"])
+def test_tampered_or_missing_shard_is_refused_by_name(shard_dir, tmp_path, damage, verify):
+    copy = damaged_copy(shard_dir, tmp_path, damage)
     with pytest.raises(ShardIntegrityError, match="train-000002.tar"):
-        open_split(copy, "train")
-    open_split(copy, "val")  # the other split is untouched
+        open_split(copy, "train", verify=verify)
+    open_split(copy, "val", verify=verify)  # the other split is untouched
+
+
+def test_a_same_size_change_inside_an_image_takes_full_verification(shard_dir, tmp_path):
+    """What each level catches (README "Your own data"): index reads headers and labels, not the images."""
+    copy = damaged_copy(shard_dir, tmp_path, "flip_image")
+    assert len(open_split(copy, "train", verify="index")) == len(open_split(shard_dir, "train"))
+    with pytest.raises(ShardIntegrityError, match="train-000002.tar: shard train-000002.tar sha256"):
+        open_split(copy, "train", verify="full")
+
+
+def test_both_levels_give_the_same_index(shard_dir):
+    """data.verify changes what is checked, never what is read: no stage output can depend on it."""
+    for split in ("train", "val"):
+        index, full = open_split(shard_dir, split, verify="index"), open_split(shard_dir, split, verify="full")
+        assert len(index) == len(full) > 0
+        assert np.array_equal(index.labels, full.labels)
+        assert all(index.read_bytes(i) == full.read_bytes(i) and index.metadata(i) == full.metadata(i)
+                   for i in range(len(index)))
+    with pytest.raises(ValueError, match="verify must be one of index, full"):
+        open_split(shard_dir, "train", verify="sha")
+
+
+def test_index_level_reads_headers_and_labels_not_images(shard_dir, monkeypatch):
+    """The cheap level's cost: positioned reads of ~2 KB per sample, against every byte for full."""
+    import pipeline.data.shard_reader as reader
+
+    read = []
+    original = os.pread
+    monkeypatch.setattr(reader.os, "pread", lambda fd, n, offset: read.append(n) or original(fd, n, offset))
+    split = open_split(shard_dir, "train", verify="index")
+    total = sum(entry.size for entry in split.entries)
+    assert 0 < sum(read) <= 4 * 512 * len(split) < total
 
 
 def test_fast_tar_index_agrees_with_tarfile(shard_dir):

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.core.config import NOT_OUTPUT_KEYS, ExtractConfig, FinetuneConfig, PretrainConfig
+from pipeline.core.config import NOT_OUTPUT_KEYS, DataConfig, ExtractConfig, FinetuneConfig, PretrainConfig
 from tests.conftest import REPO, tiny_params_dict
 from tests.reliability.support import run_stage_in_process, snapshot
 
@@ -80,8 +80,16 @@ CASES = [
 
 
 def test_the_cases_cover_every_left_out_key():
+    # data.verify: both levels give the same index (tests/data/test_shard_reader.py), so no stage output can differ
     assert {(stage, key) for stage, changes in CASES for key in changes} == {
-        (stage, key) for stage, keys in NOT_OUTPUT_KEYS.items() for key in keys}
+        (stage, key) for stage, keys in NOT_OUTPUT_KEYS.items() if stage != "data" for key in keys}
+
+
+def test_the_shard_stage_lists_every_data_key_but_verify():
+    listed = {p.split(".", 1)[1] for p in stage_params("shard") if isinstance(p, str) and p.startswith("data.")}
+    assert "data" not in stage_params("shard")
+    assert listed == {f.name for f in dataclasses.fields(DataConfig)} - NOT_OUTPUT_KEYS["data"]
+    assert NOT_OUTPUT_KEYS["data"] == {"verify"}
 
 
 @pytest.mark.slow
