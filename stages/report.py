@@ -48,7 +48,7 @@ def make_figures(params: Params) -> dict[str, str]:
         save_png(figure, FIGURES / f"{name}.png")
         written[name] = f"figures/{name}.png"
 
-    split = open_split(SHARDS, "val")
+    split = open_split(SHARDS, "val", verify=params.data.verify)
     try:
         indices = pick_examples(split.labels, EXAMPLES, params.seed)
         size = params.augment.global_size  # the teacher ranks patches on global crops of this size

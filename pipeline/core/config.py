@@ -41,6 +41,7 @@ NOT_OUTPUT_KEYS: dict[str, frozenset[str]] = {
     "pretrain": frozenset({"resume", "num_workers", "checkpoint_every", "checkpoint_every_steps", "log_every"}),
     "extract": frozenset({"num_workers", "batch_size"}),
     "finetune": frozenset({"num_workers"}),
+    "data": frozenset({"verify"}),
 }
 
 
@@ -72,6 +73,9 @@ class DataConfig:
     # sorted order, as the official --subset 260: the paper's 20% ImageNet subset)
     subset: Literal["seeded", "first"] = "seeded"
     shard_size: int = 500
+    # how much each stage checks when it opens the shards: "index" (sizes, tar headers, labels: cheap) or "full"
+    # (also every shard's SHA-256: reads all of them); the shard stage hashes what it writes either way
+    verify: Literal["index", "full"] = "index"
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
     def validate(self, prefix: str = "data") -> None:
@@ -150,6 +154,9 @@ class MaskingConfig:
     # all: masking.prob applies to every strategy (iBOT's default recipe); attention: only to the AttMask
     # strategies, random and block mask every image (the official AttMask code)
     prob_scope: Literal["all", "attention"] = "all"
+    # block's rectangles: inclusive (a rectangle may span the whole grid; budget floor(r * P)) or official
+    # (iBOT's MaskingGenerator: the float budget r * P and a strict fit, h < H and w < W)
+    block_rule: Literal["inclusive", "official"] = "inclusive"
 
     def validate(self, prefix: str = "masking") -> None:
         _check_range(f"{prefix}.ratio", self.ratio, 0.0, 1.0)

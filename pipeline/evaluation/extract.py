@@ -220,7 +220,7 @@ def extract_features(
         remove_stale_temporaries(out_dir, ".*.tmp-*")
     try:
         for split_name in SPLITS:
-            split = open_split(shards, split_name)
+            split = open_split(shards, split_name, verify=params.data.verify)
             summary["num_classes"] = split.num_classes
             sets = extract_split(
                 split, extractors, image_size=image_size, batch_size=config.batch_size, device=device,

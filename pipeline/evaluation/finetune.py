@@ -434,7 +434,7 @@ def run_finetune(
             params.finetune.data_root, finetune_shards, seed=params.seed, shard_size=params.data.shard_size,
             context=context, progress=progress_bar and context.is_main,
         )
-    train, val = open_split(shards, "train"), open_split(shards, "val")
+    train, val = (open_split(shards, name, verify=params.data.verify) for name in ("train", "val"))
     metrics: dict[str, Any] = {}
     wall: dict[str, float] = {}
     for variant in variants:

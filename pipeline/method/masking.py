@@ -125,7 +125,9 @@ def sample_masks(
     if config.strategy == "random":
         flat = random_masks(counts, num_patches, generator).to(device)
     elif config.strategy == "block":
-        flat, rectangles = block_masks(counts, (height, width), generator)
+        # official: iBOT's float budget r * P (zero where the image is not masked) and its strict fit
+        budgets = torch.where(counts > 0, ratios * num_patches, 0.0) if config.block_rule == "official" else counts
+        flat, rectangles = block_masks(budgets, (height, width), generator, strict=config.block_rule == "official")
         flat = flat.to(device)
     elif config.strategy == "attmask_high":
         flat = attention_masks(attention, counts, highest=True)
@@ -226,17 +228,18 @@ def hint_masks(
 
 
 def block_masks(
-    counts: torch.Tensor, grid: tuple[int, int], generator: torch.Generator
+    counts: torch.Tensor, grid: tuple[int, int], generator: torch.Generator, strict: bool = False
 ) -> tuple[torch.Tensor, list[list[Rectangle]]]:
     """``(B, P)`` block-wise masks (CPU) and each image's rectangles.
 
-    Draws one seed per image (``torch.randint(2**62, (B,))``), then runs
+    ``counts``: ``(B,)`` budgets, integer or (``masking.block_rule: official``)
+    float. Draws one seed per image (``torch.randint(2**62, (B,))``), then runs
     :func:`block_mask` with a private :class:`random.Random` per image.
     """
     seeds = torch.randint(2**62, (counts.shape[0],), generator=generator).tolist()
     masks, rectangles = [], []
     for count, seed in zip(counts.tolist(), seeds):
-        mask, rects = block_mask(count, grid, random.Random(seed))
+        mask, rects = block_mask(count, grid, random.Random(seed), strict=strict)
         masks.append(mask.reshape(-1))
         rectangles.append(rects)
     if not masks:
@@ -244,7 +247,8 @@ def block_masks(
     return torch.from_numpy(np.stack(masks)), rectangles
 
 
-def block_mask(count: int, grid: tuple[int, int], rng: random.Random) -> tuple[np.ndarray, list[Rectangle]]:
+def block_mask(count: float, grid: tuple[int, int], rng: random.Random,
+               strict: bool = False) -> tuple[np.ndarray, list[Rectangle]]:
     """One BEiT/iBOT block-wise mask ``(H, W)`` covering at most ``count`` patches.
 
     Repeatedly: up to 10 tries of a rectangle with target area
@@ -253,9 +257,11 @@ def block_mask(count: int, grid: tuple[int, int], rng: random.Random) -> tuple[n
     adds between 1 and ``count - covered`` new patches is accepted. Stops when
     ``count`` patches are covered or 10 tries add nothing.
 
-    One deliberate difference from iBOT's ``MaskingGenerator``: a rectangle
-    "fits" when ``h <= H and w <= W`` (iBOT requires ``h < H and w < W``), so
-    full-width/height blocks are allowed and 1-row grids can be masked.
+    By default a rectangle "fits" when ``h <= H and w <= W``, so full-width or
+    full-height blocks are allowed and 1-row grids can be masked. ``strict``
+    is iBOT's ``MaskingGenerator`` rule, ``h < H and w < W``; with a float
+    ``count`` (iBOT's ``r * P``) the area draws and the last rectangle's room
+    follow the unrounded budget, as there (the covered count is the same).
     """
     height, width = grid
     mask = np.zeros((height, width), dtype=bool)
@@ -271,7 +277,9 @@ def block_mask(count: int, grid: tuple[int, int], rng: random.Random) -> tuple[n
             aspect = math.exp(rng.uniform(*log_aspect))
             h = int(round(math.sqrt(target_area * aspect)))
             w = int(round(math.sqrt(target_area / aspect)))
-            if not (1 <= h <= height and 1 <= w <= width):
+            # iBOT's test lets an empty (0-row) rectangle draw a position and add nothing: same random stream
+            fits = h < height and w < width if strict else 1 <= h <= height and 1 <= w <= width
+            if not fits:
                 continue
             top = rng.randint(0, height - h)
             left = rng.randint(0, width - w)

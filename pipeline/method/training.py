@@ -177,7 +177,7 @@ class Pretrainer:
         self.config = params.pretrain
         self.identity = run_identity(params, paths.shards)
         self.local_batch = self.config.batch_size // context.world_size
-        self.split = open_split(paths.shards, "train")
+        self.split = open_split(paths.shards, "train", verify=params.data.verify)
         self.steps_per_epoch = len(self.split) // self.config.batch_size
         if self.steps_per_epoch < 1:
             raise ParamsError(
@@ -267,7 +267,7 @@ class Pretrainer:
 
         vit = self.teacher.backbone.vit
         if self.val_split is None:  # opened (and verified) once, on the first evaluation
-            self.val_split = open_split(self.paths.shards, "val")
+            self.val_split = open_split(self.paths.shards, "val", verify=self.params.data.verify)
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []), torch.no_grad():
             train, val = (
                 extract_split(split, {"teacher": lambda images: vit_features(vit, images)},

@@ -358,3 +358,62 @@ def test_prob_scope_attention_masks_every_image_for_random_and_block(strategy, e
     default = sample_masks(dataclasses.replace(config, prob_scope="all"), 16, (8, 8), torch.Generator().manual_seed(0),
                            attention)
     assert not default.masked.any()  # iBOT's recipe: prob 0 masks nothing, whatever the strategy
+
+
+# ------------------------------------------------------- block_rule: official (iBOT's MaskingGenerator)
+def ibot_block_mask(high: float, height: int, width: int, rng: random.Random) -> np.ndarray:
+    """Our transcription of iBOT's block loop (ImageFolderMask, pred_shape 'block'), for comparison only."""
+    mask = np.zeros((height, width), dtype=bool)
+    log_aspect = (math.log(0.3), math.log(1 / 0.3))
+    count = 0
+    while count < high:
+        room, delta = high - count, 0
+        for _ in range(10):
+            area = rng.uniform((min(height, width) // 3) ** 2, room)
+            aspect = math.exp(rng.uniform(*log_aspect))
+            h, w = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
+            if w < width and h < height:
+                top, left = rng.randint(0, height - h), rng.randint(0, width - w)
+                new = h * w - int(mask[top:top + h, left:left + w].sum())
+                if 0 < new <= room:
+                    mask[top:top + h, left:left + w] = True
+                    delta = new
+            if delta > 0:
+                break
+        if delta == 0:
+            break
+        count += delta
+    return mask
+
+
+@pytest.mark.parametrize("grid", [(4, 4), (14, 14), (6, 9)])
+def test_official_block_rule_is_ibots_loop_draw_for_draw(grid):
+    """Same random.Random stream, same float budget r * P: the same mask, exactly."""
+    gen = random.Random(0)
+    for _ in range(300):
+        ratio = gen.uniform(0.1, 0.5)
+        seed = gen.randrange(2**62)
+        budget = ratio * grid[0] * grid[1]
+        ours, _ = block_mask(budget, grid, random.Random(seed), strict=True)
+        assert np.array_equal(ours, ibot_block_mask(budget, *grid, random.Random(seed)))
+
+
+def test_official_block_rule_never_spans_the_grid_and_inclusive_does():
+    spans = {False: 0, True: 0}
+    for strict in spans:
+        for seed in range(400):
+            _, rects = block_mask(12, (4, 4), random.Random(seed), strict=strict)
+            spans[strict] += sum(h == 4 or w == 4 for _, _, h, w in rects)
+    assert spans[True] == 0 and spans[False] > 0
+
+
+def test_block_rule_reaches_the_masks_and_defaults_to_inclusive():
+    assert MaskingConfig().block_rule == "inclusive"
+    base = MaskingConfig(strategy="block", ratio=0.4, ratio_var=0.1, prob=1.0)
+    draws = {rule: sample_masks(dataclasses.replace(base, block_rule=rule), 64, (4, 4), make_generator(0, "rule"))
+             for rule in ("inclusive", "official")}
+    # same counts drawn, official's rectangles never as wide or high as the grid
+    assert torch.equal(draws["inclusive"].counts, draws["official"].counts)
+    assert all(h < 4 and w < 4 for rects in draws["official"].rectangles for _, _, h, w in rects)
+    assert any(h == 4 or w == 4 for rects in draws["inclusive"].rectangles for _, _, h, w in rects)
+    assert (draws["official"].masks.flatten(1).sum(1) <= draws["official"].counts).all()

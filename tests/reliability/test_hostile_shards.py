@@ -66,12 +66,12 @@ def shards(tiny_shards: Path, tmp_path: Path) -> Path:
     return target
 
 
-def refused(shard_dir: Path, integrity, match: str) -> str:
+def refused(shard_dir: Path, integrity, match: str, verify: str = "index") -> str:
     """open_split refuses the split with a message containing the shard's path and ``match``; nothing written."""
     around = shard_dir.parents[1]
     before = snapshot(around)
     with pytest.raises(ShardIntegrityError) as error:
-        open_split(shard_dir, "train")
+        open_split(shard_dir, "train", verify=verify)
     message = str(error.value)
     assert match in message, message
     integrity.assert_intact("every file around the shards (nothing written or changed)", around, before)
@@ -112,10 +112,11 @@ def test_crafted_shard_is_refused_naming_shard_and_member(case, shards, integrit
 
 @pytest.mark.fault_case("shards", "tampered byte, manifest untouched")
 def test_tampered_byte_is_refused_naming_the_shard(shards, integrity):
+    """A same-size change takes data.verify: full (the cheap default reads headers and labels only)."""
     content = bytearray((shards / SHARD).read_bytes())
     content[700] ^= 0x01
     install(shards, bytes(content), None, consistent=False)
-    refused(shards, integrity, f"shard {SHARD} sha256")
+    refused(shards, integrity, f"shard {SHARD} sha256", verify="full")
 
 
 @pytest.mark.parametrize("consistent", [False, True], ids=["manifest untouched", "manifest matching"])
