@@ -10,7 +10,8 @@ load), with the environment of :func:`pipeline.core.numerics.numerics_env`:
 - ``compatible``: portable with MKL's SSE2 branch (identical on Intel and AMD);
 - ``portable - X``: portable with one control ``X`` left native. If its bits
   differ from ``portable``'s, ``X`` matters on this CPU, and a CPU with another
-  ISA would give other bits without it.
+  ISA would give other bits without it; ``portable + oneDNN/NNPACK on`` the same
+  for torch's oneDNN and NNPACK kernels.
 
 A process trains the embedded model (params.yaml, ``attmask_high``) for
 ``--steps`` steps on fixed random crops, fits the linear probe's
@@ -113,7 +114,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # name -> (environment, oneDNN and NNPACK on): the three modes, then portable less one control
     settings = {"native": ({}, True), "portable": (portable, False), "compatible": (numerics_env("compatible"), False)}
     settings.update({f"portable - {name}": ({k: v for k, v in portable.items() if k != name}, False) for name in portable})
-    settings["portable - oneDNN/NNPACK off"] = (portable, True)
+    settings["portable + oneDNN/NNPACK on"] = (portable, True)
     results: dict[str, list[dict[str, Any]]] = {name: [] for name in settings}
     for round_index in range(args.rounds):
         names = ["native", "portable"] if round_index % 2 == 0 else ["portable", "native"]

@@ -20,7 +20,7 @@ Two things change the bits of a CPU result besides params, data and code:
     AVX-512 one on Intel Xeons): elsewhere it falls back to its own choice
     (:func:`mkl_branch` tells, and the stage log says so).
   - ``compatible``: portable with MKL's SSE2 branch, the one MKL documents as
-    identical on Intel and AMD alike; GEMMs run ~2.5x slower.
+    identical on Intel and AMD alike; a pre-training step takes ~3x as long.
   - ``native`` leaves every library free: fastest, identical only on the same
     CPU model.
 

@@ -59,7 +59,8 @@ KNN_COLUMNS = ("epoch", "step", "knn_top1")
 # torch.compile backend for pretrain.compile; tests swap in "aot_eager" (inductor takes minutes on CPU)
 COMPILE_BACKEND = "inductor"
 # params sections that shape pre-training; evaluation sections may change freely
-PRETRAIN_SECTIONS = ("seed", "data", "model", "masking", "augment", "pretrain")
+# the params a checkpoint's numbers depend on: threads and numerics change the rounding, so they count too
+PRETRAIN_SECTIONS = ("seed", "threads", "numerics", "data", "model", "masking", "augment", "pretrain")
 LOGGED_SCALARS = ("loss_total", "loss_cls", "loss_patch", "masked_share")
 STEP_COLUMNS = ("step", "epoch", "loss_total", "loss_cls", "loss_patch", "lr", "weight_decay", "momentum", "teacher_temp", "masked_share")
 
@@ -597,6 +598,7 @@ def run_identity(params: Params, shards: Path) -> dict[str, str]:
     # checkpoint's bytes stay the same with the curve on or off
     values["pretrain"] = {k: v for k, v in values["pretrain"].items()
                           if k not in NOT_COMPUTATION_KEYS | {"eval_every", "eval_k"}}
+    values["data"] = {k: v for k, v in values["data"].items() if k not in NOT_OUTPUT_KEYS["data"]}
     manifest = Path(shards) / MANIFEST_NAME
     return {
         "params": json.dumps(values, sort_keys=True),

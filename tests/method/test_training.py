@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import shutil
 import signal
@@ -296,3 +297,19 @@ def test_the_export_loads_by_name_in_timm_and_log_txt_has_one_line_per_epoch(tin
     lines = [json.loads(line) for line in (paths.reports / "log.txt").read_text().splitlines()]
     assert [line["epoch"] for line in lines] == [0, 1]
     assert set(lines[0]) == {"train_loss", "train_cls", "train_patch", "train_lr", "train_wd", "epoch"}
+
+
+def test_the_run_identity_holds_threads_and_numerics_but_not_data_verify(tiny_folder):
+    """A checkpoint computed with other threads or numerics rounds differently: never resumed as this run's own."""
+    from pipeline.core.config import params_from_dict
+    from pipeline.method.training import run_identity
+
+    def identity(verify: str = "index", **top):
+        raw = {**tiny_params_dict(tiny_folder), **top}
+        raw["data"]["verify"] = verify
+        return json.loads(run_identity(params_from_dict(raw), tiny_folder)["params"])
+
+    base = identity()
+    assert base["threads"] == 2 and base["numerics"] == "portable" and "verify" not in base["data"]
+    assert identity(threads=1) != base and identity(numerics="native") != base
+    assert identity(verify="full") == base
