@@ -234,3 +234,13 @@ def test_numerics_section_names_what_differs_from_portable_and_the_cost(tmp_path
     assert "| portable | 110 (n=2) | `w0` | `p0` | `n0` | - |" in text
     assert "portable / native step time: x1.225 (1.200-1.250, n=2); compatible / native: x2.50" in text
     assert "same bits in every round: yes." in text
+
+
+def test_open_bench_times_both_verify_levels_and_scales_them_to_imagenet(tiny_shards):
+    from bench.bench_data import IMAGENET_TRAIN, time_open
+
+    result = time_open(tiny_shards, repeats=2)
+    assert set(result["levels"]) == {"index", "full"} and all(s["n"] == 2 for s in result["levels"].values())
+    index, full = result["levels"]["index"]["median"], result["levels"]["full"]["median"]
+    assert result["imagenet_seconds"]["index"] == pytest.approx(index / result["samples"] * IMAGENET_TRAIN["images"])
+    assert result["imagenet_seconds"]["full"] == pytest.approx(full / result["shard_bytes"] * IMAGENET_TRAIN["shard_bytes"])
