@@ -1,6 +1,8 @@
 """The paper's runs in one command each (stages/preset.py, presets/*.yaml)."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import yaml
 
@@ -39,6 +41,7 @@ def test_each_paper_run_validates_as_a_whole_params_file(names):
         masking = params.masking
         assert (masking.strategy, masking.ratio, masking.ratio_var) in PAPER_TABLE  # one of the paper's rows
         assert masking.ratio_per == ("batch" if masking.strategy.startswith("attmask") else "image")
+    assert params.masking.block_rule == "official"  # iBOT's block loop, as the official code
 
 
 def test_full_imagenet_and_data_share_change_what_the_paper_changes():
@@ -66,3 +69,29 @@ def test_an_unknown_preset_or_a_bad_value_is_one_line_and_status_2(tmp_path, mon
     monkeypatch.chdir(tmp_path)
     assert preset.main(["bad", "--dry-run"]) == 2
     assert "masking.ratio" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("names", [["imagenet-20pct", "table1-block"], ["imagenet-20pct", "imagenet-100pct"]],
+                         ids=["20pct+block", "100pct"])
+def test_dvc_resolves_every_stage_of_a_paper_run(names, tiny_folder, tmp_path):
+    """The preset's params file is one DVC accepts: every stage resolves (data.root templated) and is due to run.
+
+    ``dvc status``, not ``dvc repro --dry``: a dry run stops at the first stage whose inputs do not exist yet.
+    """
+    from pipeline.core.config import set_dotted
+    from tests.test_reproducibility import copy_repository, dvc
+
+    repo = copy_repository(tmp_path / "repo")
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    for item in preset.overrides_of(names):
+        key, _, value = item.partition("=")
+        set_dotted(raw, key, yaml.safe_load(value))
+    set_dotted(raw, "data.root", str(tiny_folder))  # the ImageNet folder's stand-in
+    (repo / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    status = json.loads(dvc(repo, "status", "--json"))
+    # metrics merges the committed eval JSONs, which exist: due only once the stages before it have run
+    due = {"shard", "pretrain", "extract", "knn", "fewshot", "linear", "finetune", "report"}
+    assert set(status) >= due, status
+    changed = [entry["changed deps"].get("params.yaml", {}) for entry in status["pretrain"] if "changed deps" in entry]
+    assert changed and changed[0].get("model") == "modified", status["pretrain"]  # the ViT-S/16 of the preset
