@@ -307,6 +307,9 @@ class FewshotConfig:
     draws: int = 5
     k: int = 20
     temperature: float = 0.07
+    # which images a draw takes per class: seeded (a seeded sample) or slices (draw d: images [d*s, (d+1)*s) of
+    # the class in path order, the official eval_knn_few.py's --subset s --subset_starts d*s)
+    draw: Literal["seeded", "slices"] = "seeded"
 
     def validate(self, prefix: str = "fewshot") -> None:
         if not self.shots:

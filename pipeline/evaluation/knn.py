@@ -189,6 +189,34 @@ def draw_fewshot_indices(labels: np.ndarray, shots: int, seed: int, draw: int, c
     return np.sort(np.concatenate(picked))
 
 
+def slice_fewshot_indices(labels: np.ndarray, paths: Sequence[str], shots: int, draw: int,
+                          classes: Sequence[int] | None = None) -> np.ndarray:
+    """Sorted train indices: images ``[draw * shots, (draw + 1) * shots)`` of each class in path order.
+
+    The official low-shot protocol (``eval_knn_few.py --subset shots --subset_starts draw * shots``), where the
+    class's images are in ImageFolder order, i.e. sorted by path.
+
+    Args:
+        labels: (N_train,) train labels.
+        paths: (N_train,) each image's source path (the shard metadata's ``path``).
+
+    Raises:
+        ValueError: a class has fewer than ``(draw + 1) * shots`` images.
+    """
+    labels = np.asarray(labels)
+    if len(paths) != len(labels):
+        raise ValueError(f"{len(paths)} paths for {len(labels)} train labels")
+    classes = np.unique(labels) if classes is None else np.asarray(sorted(classes))
+    start, stop = draw * shots, (draw + 1) * shots
+    picked = []
+    for c in classes:
+        members = sorted(np.flatnonzero(labels == c), key=lambda i: paths[i])
+        if len(members) < stop:
+            raise ValueError(f"class {int(c)} has {len(members)} train images, fewer than {stop} for slice {draw}")
+        picked.append(np.asarray(members[start:stop], dtype=np.int64))
+    return np.sort(np.concatenate(picked))
+
+
 def fewshot_knn(
     train: FeatureSet,
     val: FeatureSet,
@@ -199,12 +227,16 @@ def fewshot_knn(
     seed: int,
     chunk_size: int = 1024,
     device: str | torch.device = "cpu",
+    paths: Sequence[str] | None = None,
 ) -> dict[str, Any]:
-    """Weighted k-NN top-1 with ``s`` labelled train images per class, over ``draws`` seeded draws.
+    """Weighted k-NN top-1 with ``s`` labelled train images per class, over ``draws`` draws.
 
-    Every class of train or val must offer ``s`` train images; otherwise that shot
-    count is skipped with a warning (kept in the result) instead of failing. k is
-    clamped to the ``s x C`` picked images.
+    Draws are seeded samples (:func:`draw_fewshot_indices`), or with the train
+    images' ``paths`` (N_train,) contiguous slices in path order
+    (:func:`slice_fewshot_indices`, the official protocol). Every class of train
+    or val must offer ``s`` train images (``draws x s`` for slices); otherwise
+    that shot count is skipped with a warning (kept in the result) instead of
+    failing. k is clamped to the ``s x C`` picked images.
 
     Returns:
         ``{str(s): {"mean", "std", "runs": [top-1 per draw], "k": effective k}, ...,
@@ -219,18 +251,20 @@ def fewshot_knn(
     result: dict[str, Any] = {}
     skipped: dict[str, str] = {}
     for s in sorted({int(s) for s in shots}):
-        short = [c for c, n in counts.items() if n < s]
+        needed = s if paths is None else draws * s  # slices do not overlap
+        short = [c for c, n in counts.items() if n < needed]
         if short:
             worst = min(short, key=lambda c: (counts[c], c))
             reason = f"class {worst} has {counts[worst]} train images"
             if len(short) > 1:
-                reason += f" ({len(short)} classes have fewer than {s})"
+                reason += f" ({len(short)} classes have fewer than {needed})"
             warnings.warn(f"few-shot {s}: skipped, {reason}", stacklevel=2)
             skipped[str(s)] = reason
             continue
         runs = []
         for d in range(draws):
-            picked = train.subset(draw_fewshot_indices(train.labels, s, seed, d, classes))
+            picked = train.subset(draw_fewshot_indices(train.labels, s, seed, d, classes) if paths is None
+                                  else slice_fewshot_indices(train.labels, paths, s, d, classes))
             k_eff = min(k, len(picked))
             knn = weighted_knn(
                 picked.features, picked.labels, val.features, val.labels, [k_eff], temperature,

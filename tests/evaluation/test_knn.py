@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from pipeline.evaluation.feature_files import FeatureSet
-from pipeline.evaluation.knn import draw_fewshot_indices, fewshot_knn, weighted_knn
+from pipeline.evaluation.knn import draw_fewshot_indices, fewshot_knn, slice_fewshot_indices, weighted_knn
 
 
 def unit(angle_degrees: float) -> list[float]:
@@ -185,3 +185,40 @@ def test_fewshot_counts_classes_missing_from_train():
     with pytest.warns(UserWarning):
         result = fewshot_knn(train, val, shots=[1], draws=1, k=5, temperature=0.07, seed=0)
     assert result == {"skipped": {"1": "class 2 has 0 train images"}}
+
+
+# ------------------------------------------------- fewshot.draw: slices (the official low-shot protocol)
+def test_slices_are_contiguous_runs_of_each_class_in_path_order():
+    labels = np.array([1, 0, 1, 0, 0, 1, 0, 1])
+    paths = ["b/3", "a/2", "b/0", "a/0", "a/3", "b/1", "a/1", "b/2"]  # rows are shuffled, as in the shards
+    # class 0 in path order: rows 3, 6, 1, 4; class 1: rows 2, 5, 7, 0
+    assert slice_fewshot_indices(labels, paths, shots=2, draw=0).tolist() == [2, 3, 5, 6]
+    assert slice_fewshot_indices(labels, paths, shots=2, draw=1).tolist() == [0, 1, 4, 7]
+    assert slice_fewshot_indices(labels, paths, shots=1, draw=3).tolist() == [0, 4]
+    with pytest.raises(ValueError, match="class 0 has 4 train images, fewer than 6 for slice 2"):
+        slice_fewshot_indices(labels, paths, shots=2, draw=2)
+    with pytest.raises(ValueError, match="3 paths for 8 train labels"):
+        slice_fewshot_indices(labels, paths[:3], shots=1, draw=0)
+
+
+def test_fewshot_with_paths_takes_disjoint_slices_and_needs_draws_times_shots(monkeypatch):
+    import pipeline.evaluation.knn as evaluation
+
+    train = blobs(classes=3, per_class=8, dim=4, seed=0)
+    val = blobs(classes=3, per_class=4, dim=4, seed=1, offset=1000)
+    paths = [f"c{label}/{i:03d}" for i, label in enumerate(train.labels)]
+    seen = []
+    real = evaluation.weighted_knn
+
+    def spy(train_features, *args, **kwargs):
+        seen.append({row.tobytes() for row in np.asarray(train_features)})
+        return real(train_features, *args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "weighted_knn", spy)
+    with pytest.warns(UserWarning, match="few-shot 3: skipped, class 0 has 8 train images"):
+        result = fewshot_knn(train, val, shots=[2, 3], draws=3, k=20, temperature=0.07, seed=0, paths=paths)
+    assert set(result) == {"2", "skipped"}  # 3 draws x 3 shots > 8 images per class
+    assert len(seen) == 3 and not (seen[0] & seen[1] or seen[1] & seen[2] or seen[0] & seen[2])
+    first = {row.tobytes() for row in train.features[slice_fewshot_indices(train.labels, paths, 2, 0)]}
+    assert seen[0] == first
+    assert fewshot_knn(train, val, shots=[2], draws=3, k=20, temperature=0.07, seed=5, paths=paths)["2"] == result["2"]

@@ -110,3 +110,38 @@ def test_knn_device_is_a_param_both_stages_use(feature_tree, monkeypatch):
     with pytest.raises(ParamsError) as error:
         knn.main(params_from_dict({"knn": {"device": "cuda"}}))
     assert error.value.key == "knn.device"
+
+
+def test_fewshot_stage_slices_by_the_shards_paths(feature_tree, tiny_shards):
+    """fewshot.draw: slices reads each train image's path from the shards (row i = train sample i)."""
+    import shutil
+
+    from pipeline.data.shard_reader import open_split
+    from pipeline.evaluation.feature_files import load_variant
+    from pipeline.evaluation.knn import fewshot_knn
+    from stages import fewshot
+
+    shutil.copytree(tiny_shards, feature_tree / "data" / "shards")
+    params = params_from_dict({"fewshot": {"shots": [1, 2], "draws": 3, "draw": "slices"}})
+    result = fewshot.main(params)
+    split = open_split(feature_tree / "data" / "shards", "train")
+    paths = [split.metadata(i)["path"] for i in range(len(split))]
+    assert fewshot.train_paths(params) == paths and len(set(paths)) == 36
+    # random_init's features are noisy enough that which images are drawn shows in every run's accuracy
+    train, val = load_variant(feature_tree / "data" / "features", "random_init")
+    slices = fewshot_knn(train, val, [1, 2], 3, 20, 0.07, seed=0, paths=paths)
+    seeded = fewshot_knn(train, val, [1, 2], 3, 20, 0.07, seed=0)
+    assert slices != seeded
+    assert result["random_init"] == slices
+
+
+def test_fewshot_slices_refuse_features_of_other_shards(feature_tree, tiny_shards, tmp_path_factory):
+    import shutil
+
+    from pipeline.core.errors import UserError
+    from stages import fewshot
+
+    write_variant(feature_tree, "pretrained", classes=3, per_class=10, spread=0.3)  # 30 rows, the shards hold 36
+    shutil.copytree(tiny_shards, feature_tree / "data" / "shards")
+    with pytest.raises(UserError, match="30 train features for 36 train images in data/shards; rerun the extract stage"):
+        fewshot.main(params_from_dict({"fewshot": {"shots": [1], "draws": 2, "draw": "slices"}}))

@@ -42,6 +42,7 @@ def test_each_paper_run_validates_as_a_whole_params_file(names):
         assert (masking.strategy, masking.ratio, masking.ratio_var) in PAPER_TABLE  # one of the paper's rows
         assert masking.ratio_per == ("batch" if masking.strategy.startswith("attmask") else "image")
     assert params.masking.block_rule == "official"  # iBOT's block loop, as the official code
+    assert params.fewshot.draw == "slices"  # the official low-shot protocol
 
 
 def test_full_imagenet_and_data_share_change_what_the_paper_changes():
