@@ -302,8 +302,9 @@ def numerics_section(results: dict[str, Any]) -> list[str]:
              "log; the hashes are of the final weights, the coefficients and NumPy's results. A control whose removal "
              "changes the bits here changes them between CPU generations.", "",
              "| setting | ms per step | weights | classifier | NumPy | differs from portable in |", "|---|---|---|---|---|---|"]
-    modes = ("native", "portable", "compatible")  # the three modes first, then portable less one control
-    for name, entry in sorted(result["settings"].items(), key=lambda item: (modes + (item[0],)).index(item[0])):
+    modes = ("native", "portable", "compatible")  # the three modes first, then the variants of portable
+    rank = {name: i for i, name in enumerate(modes)}
+    for name, entry in sorted(result["settings"].items(), key=lambda item: rank.get(item[0], len(modes))):
         run = entry["runs"][0]
         steps = sorted(r["step_seconds"] * 1000 for r in entry["runs"])
         differ = ", ".join(entry["differ_from_portable"]) or "-"
