@@ -13,9 +13,12 @@ overhead plus decoding) in a temp dir, then times
 - loading: a DataLoader over :class:`pipeline.data.shard_reader.ShardDataset` (read, decode,
   RGB, to tensor) with ``num_workers`` 0 and 2;
 - the training data path, per worker process: shard read + decode + DINO
-  multi-crop augmentation (:class:`pipeline.data.augment.MultiCropAugmentation`) at
-  the paper's sizes (500x375 px JPEGs, the typical ImageNet photo, to 2 x 224 +
-  10 x 96 px crops) and at the embedded ones (48 px PNGs to 2 x 32 + 4 x 16 px).
+  multi-crop augmentation at the paper's sizes (500x375 px JPEGs, the typical
+  ImageNet photo, to 2 x 224 + 10 x 96 px crops) and at the embedded ones
+  (48 px PNGs to 2 x 32 + 2 x 16 px), each with ``augment.photometric``
+  ``per_image`` (everything in the worker: the before) and ``batched`` (the
+  worker crops to uint8; the colour ops' cost per batch on the device is timed
+  separately, on the CPU here and on CUDA when there is one).
   Rates are steady state: timed from the first batch to the last, so worker
   start-up is left out; ``images/s / workers`` is the per-worker figure.
   ``--workers 1 2 4 8 16`` to choose the counts (the GPU harness uses up to 16).
@@ -29,6 +32,7 @@ import os
 import platform
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +42,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from pipeline.core.config import AugmentConfig
-from pipeline.data.augment import MultiCropAugmentation
+from pipeline.data.augment import build_multicrop
 from pipeline.data.shard_reader import VERIFY_LEVELS, ShardDataset, open_split
 from pipeline.data.shard_writer import write_shards
 from bench.stats import summarize
@@ -51,12 +55,17 @@ SHARD_SIZE = 250
 BATCH = 32
 EPOCHS = 2  # loader epochs timed per worker count (after one warm-up epoch)
 OUTPUT = Path("reports/bench/data.json")
-# (image format and size, crops): the paper's multi-crop on ImageNet-sized photos, and the embedded default
+# (image format and size, crops): the paper's multi-crop on ImageNet-sized photos, and the embedded default,
+# each with the colour ops per image in the worker (per_image) and batch-wise on the device (batched)
+PAPER_CROPS = AugmentConfig(global_size=224, local_size=96, local_number=10, blur="absolute")
 MULTICROP_CASES = {
-    "paper": {"image": ("JPEG", 500, 375), "augment": AugmentConfig(global_size=224, local_size=96, local_number=10)},
+    "paper": {"image": ("JPEG", 500, 375), "augment": PAPER_CROPS},
+    "paper_batched": {"image": ("JPEG", 500, 375), "augment": replace(PAPER_CROPS, photometric="batched")},
     "embedded": {"image": ("PNG", 48, 48), "augment": AugmentConfig()},
+    "embedded_batched": {"image": ("PNG", 48, 48), "augment": AugmentConfig(photometric="batched")},
 }
-MULTICROP_IMAGES = 96
+DEVICE_REPEATS = 5  # timings of the device-side colour ops per batch
+MULTICROP_IMAGES = 256  # 31 timed batches of 8 per epoch: the rate's noise stays under the before/after gap
 MULTICROP_BATCH = 8
 
 
@@ -156,23 +165,48 @@ def build_photo_folder(root: Path, count: int, kind: str, width: int, height: in
 
 
 def time_multicrop(shards: Path, augment: AugmentConfig, num_workers: int, epochs: int = 2) -> dict[str, Any]:
-    """Steady-state images/s of read + decode + multi-crop through a DataLoader, per epoch, summarised."""
+    """Steady-state images/s of read + decode + multi-crop through a DataLoader, per epoch, summarised.
+
+    With ``augment.photometric: batched`` this is the worker's share (uint8 crops
+    and drawn parameters); :func:`time_device_ops` times the rest.
+    """
     split = open_split(shards, "train")
-    transform = MultiCropAugmentation(augment)
+    transform = build_multicrop(augment)
     rates = []
     for epoch in range(epochs):
         dataset = ShardDataset(split, batch_size=MULTICROP_BATCH, transform=transform, seed=0, epoch=epoch, drop_last=True)
         loader = DataLoader(dataset, batch_size=MULTICROP_BATCH, num_workers=num_workers)
         first_at, images = None, 0
-        for crops, _labels, _indices in loader:
+        for _batch, labels, _indices in loader:
             if first_at is None:  # worker start-up and the first batch are excluded
                 first_at = time.perf_counter()
             else:
-                images += crops[0].shape[0]
+                images += labels.shape[0]
         rates.append(images / (time.perf_counter() - first_at))
     summary = summarize(rates)
     return {"images_per_second": summary, "per_worker_images_per_second": summary["median"] / max(1, num_workers),
             "num_workers": num_workers}
+
+
+def time_device_ops(shards: Path, augment: AugmentConfig, device: torch.device,
+                    repeats: int = DEVICE_REPEATS) -> dict[str, Any]:
+    """Milliseconds per batch of the batched colour ops (``on_device``) on ``device``, summarised."""
+    transform = build_multicrop(augment)
+    dataset = ShardDataset(open_split(shards, "train"), batch_size=MULTICROP_BATCH, transform=transform, seed=0)
+    batch, _labels, _indices = next(iter(DataLoader(dataset, batch_size=MULTICROP_BATCH)))
+    transform.on_device(batch, device)  # warm-up: kernels, allocator
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        transform.on_device(batch, device)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    summary = summarize(times)
+    return {"device": str(device), "batch_size": MULTICROP_BATCH, "ms_per_batch": summary,
+            "ms_per_image": summary["median"] / MULTICROP_BATCH, "torch_threads": torch.get_num_threads()}
 
 
 def multicrop(workers: tuple[int, ...], images: int = MULTICROP_IMAGES, epochs: int = 2) -> dict[str, Any]:
@@ -189,8 +223,12 @@ def multicrop(workers: tuple[int, ...], images: int = MULTICROP_IMAGES, epochs: 
             result[name] = {
                 "image": f"{kind} {width}x{height}", "images": count, "batch_size": MULTICROP_BATCH,
                 "crops": f"2 x {augment.global_size} + {augment.local_number} x {augment.local_size} px",
+                "photometric": augment.photometric,
                 "workers": {str(w): time_multicrop(out, augment, w, epochs) for w in workers},
             }
+            if augment.photometric == "batched":
+                devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+                result[name]["device_ops"] = {d.type: time_device_ops(out, augment, d) for d in devices}
     return result
 
 
@@ -243,8 +281,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 def _print_multicrop(result: dict[str, Any]) -> None:
     for name, case in result.items():
         for workers, timing in case["workers"].items():
-            print(f"  multi-crop {name} ({case['image']} -> {case['crops']}), {workers} workers: "
-                  f"{timing['images_per_second']['median']:7.1f} images/s, {timing['per_worker_images_per_second']:6.1f} per worker")
+            print(f"  multi-crop {name} ({case['image']} -> {case['crops']}, colour ops {case['photometric']}), "
+                  f"{workers} workers: {timing['images_per_second']['median']:7.1f} images/s, "
+                  f"{timing['per_worker_images_per_second']:6.1f} per worker")
+        for device, ops in case.get("device_ops", {}).items():
+            print(f"    batched colour ops on {device}: {ops['ms_per_batch']['median']:.1f} ms per batch of "
+                  f"{ops['batch_size']} ({ops['ms_per_image']:.2f} ms per image)")
 
 
 if __name__ == "__main__":

@@ -219,20 +219,30 @@ def data_section(results: dict[str, Any]) -> list[str]:
                 lines += [f"On the GPU machine's CPUs (1-16 workers): {_owed_or_error(result)}", ""]
             continue
         where = "this machine" if name == "data" else f"the GPU machine ({result['machine']['cpu']})"
-        lines += [f"On {where}:", "", "| crops | workers | images/s (median, min-max, n) | per worker |", "|---|---|---|---|"]
+        lines += [f"On {where}:", "", "| crops | colour ops (`augment.photometric`) | workers | images/s (median, min-max, n) "
+                  "| per worker |", "|---|---|---|---|---|"]
         for case in result["multicrop"].values():
             for workers, t in case["workers"].items():
-                lines.append(f"| {case['image']} -> {case['crops']} | {workers} | "
+                lines.append(f"| {case['image']} -> {case['crops']} | {case.get('photometric', 'per_image')} | {workers} | "
                              f"{format_summary(t['images_per_second'], digits=1)} | {t['per_worker_images_per_second']:.1f} |")
         lines.append("")
-        paper = result["multicrop"].get("paper")
-        if paper:
+        for case in result["multicrop"].values():
+            for device, ops in (case.get("device_ops") or {}).items():
+                lines.append(f"- `batched` colour ops for {case['crops']} on {device} ({ops['torch_threads']} threads): "
+                             f"{format_summary(ops['ms_per_batch'], digits=1)} ms per batch of {ops['batch_size']} "
+                             f"({ops['ms_per_image']:.2f} ms per image)")
+        lines.append("")
+        for case_name, title in (("paper", "per image in the worker"), ("paper_batched", "batched on the device")):
+            paper = result["multicrop"].get(case_name)
+            if not paper:
+                continue
             best = max(t["per_worker_images_per_second"] for t in paper["workers"].values())
             verdict = ("enough" if best * 16 >= needed
-                       else f"{needed / 16 / best:.0f}x short: the loader, not the GPU, would set the pace")
-            lines.append(f"To keep up with one GPU's ViT-S/16 step ({needed:,.0f} images/s, {label}) with 16 workers, each "
-                         f"worker must deliver {needed / 16:,.0f} images/s; the best measured here is {best:.1f} ({verdict}).")
-            lines.append("")
+                       else f"{needed / 16 / best:.1f}x short: the loader, not the GPU, would set the pace")
+            lines.append(f"- To keep up with one GPU's ViT-S/16 step ({needed:,.0f} images/s, {label}) with 16 workers, each "
+                         f"worker must deliver {needed / 16:,.0f} images/s; colour ops {title}, the best measured here is "
+                         f"{best:.1f} ({verdict}).")
+        lines.append("")
     plain = results.get("data")
     if plain and "loader" in plain:
         loader, write = plain["loader"], plain["write_shards"]
@@ -395,13 +405,14 @@ def readme_summary(results: dict[str, Any]) -> str:
         lines.append("- GPU figures (ViT-S/16 step and MFU, bf16 correctness, largest batch, compile, k-NN on CUDA, "
                      "16-worker data path): **owed**, no GPU run yet")
     for name in ("data", "gpu_data"):
-        paper = ((results.get(name) or {}).get("multicrop") or {}).get("paper")
-        if paper:
-            rates = ", ".join(f"{w} worker{'s' if w != '1' else ''} {t['per_worker_images_per_second']:.1f}"
-                              for w, t in paper["workers"].items())
-            where = "here" if name == "data" else "on the GPU machine"
-            lines.append(f"- data path at the paper's crops ({paper['image']} -> {paper['crops']}), images/s per worker "
-                         f"{where}: {rates}")
+        for case_name in ("paper", "paper_batched"):
+            paper = ((results.get(name) or {}).get("multicrop") or {}).get(case_name)
+            if paper:
+                rates = ", ".join(f"{w} worker{'s' if w != '1' else ''} {t['per_worker_images_per_second']:.1f}"
+                                  for w, t in paper["workers"].items())
+                where = "here" if name == "data" else "on the GPU machine"
+                lines.append(f"- data path at the paper's crops ({paper['image']} -> {paper['crops']}, colour ops "
+                             f"{paper.get('photometric', 'per_image')}), images/s per worker {where}: {rates}")
     rate = estimate.gpu_rate(results.get("gpu_step"), results.get("gpu_batch"))
     needed = rate["tflops"] * 1e12 / estimate.flops_per_image(10)
     lines.append(f"- to feed one GPU's ViT-S/16 step ({needed:,.0f} images/s, "

@@ -183,6 +183,9 @@ class AugmentConfig:
     # relative: blur sigma U(0.1, 2.0) x crop size / 224, so tiny crops are not smeared; absolute: U(0.1, 2.0) px
     # on every crop whatever its size (the official code, for ImageNet runs)
     blur: Literal["relative", "absolute"] = "relative"
+    # per_image: torchvision on PIL in the loader worker; batched: the worker crops to uint8 and the colour ops
+    # run batch-wise on the training device (pipeline/data/photometric.py), for loaders that must feed a GPU
+    photometric: Literal["per_image", "batched"] = "per_image"
 
     def validate(self, patch_size: int, prefix: str = "augment") -> None:
         _check_range(f"{prefix}.global_size", self.global_size, 1, None)

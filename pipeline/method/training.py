@@ -39,7 +39,7 @@ from pipeline.core.files import atomic_write_text, sha256_file, write_json
 from pipeline.core.seeding import configure_determinism, derive_seed, make_generator
 from pipeline.core.strategies import BY_NAME
 from pipeline.core.tracking import RunRecord
-from pipeline.data.augment import MultiCropAugmentation
+from pipeline.data.augment import build_multicrop
 from pipeline.data.shard_reader import ShardDataset, ShardSplit, open_split
 from pipeline.data.shard_writer import MANIFEST_NAME
 from pipeline.method.backbone_export import save_backbone_safetensors, save_timm_folder
@@ -185,7 +185,7 @@ class Pretrainer:
                 "pretrain.batch_size",
                 f"{self.config.batch_size} is larger than the train split ({len(self.split)} images)",
             )
-        self.augmentation = MultiCropAugmentation(params.augment)
+        self.augmentation = build_multicrop(params.augment)
         self.patch_size = params.patch_size()
         self.uses_attention = BY_NAME[params.masking.strategy].needs_attention
 
@@ -384,8 +384,9 @@ class Pretrainer:
             pin_memory=self.device.type == "cuda",
             persistent_workers=False,
         )
-        for crops, _labels, _indices in loader:
-            yield crops
+        for batch, _labels, _indices in loader:
+            # augment.photometric: batched runs the colour ops here, batch-wise on the training device
+            yield self.augmentation.on_device(batch, self.device)
 
     # ------------------------------------------------------------------ step
     def masks_for(self, crop: int, epoch: int, step: int, attention: torch.Tensor | None, grid: tuple[int, int]) -> torch.Tensor:

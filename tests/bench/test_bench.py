@@ -244,3 +244,26 @@ def test_open_bench_times_both_verify_levels_and_scales_them_to_imagenet(tiny_sh
     index, full = result["levels"]["index"]["median"], result["levels"]["full"]["median"]
     assert result["imagenet_seconds"]["index"] == pytest.approx(index / result["samples"] * IMAGENET_TRAIN["images"])
     assert result["imagenet_seconds"]["full"] == pytest.approx(full / result["shard_bytes"] * IMAGENET_TRAIN["shard_bytes"])
+
+
+def test_data_path_bench_times_both_photometric_modes_and_renders_before_and_after(tiny_shards):
+    from bench.bench_data import time_device_ops, time_multicrop
+    from pipeline.core.config import AugmentConfig
+
+    batched = AugmentConfig(global_size=16, local_size=8, local_number=2, photometric="batched")
+    timing = time_multicrop(tiny_shards, batched, num_workers=0, epochs=1)
+    assert timing["images_per_second"]["median"] > 0 and timing["num_workers"] == 0
+    ops = time_device_ops(tiny_shards, batched, torch.device("cpu"), repeats=2)
+    assert ops["ms_per_batch"]["n"] == 2 and ops["ms_per_image"] == pytest.approx(ops["ms_per_batch"]["median"] / 8)
+
+    def case(photometric, rate):
+        return {"image": "JPEG 500x375", "crops": "2 x 224 + 10 x 96 px", "photometric": photometric,
+                "workers": {"1": {"images_per_second": summarize([rate, rate]), "per_worker_images_per_second": rate}}}
+    result = {"multicrop": {"paper": case("per_image", 20.0), "paper_batched": {**case("batched", 180.0), "device_ops": {
+        "cpu": {**ops, "ms_per_batch": summarize([400.0, 410.0]), "ms_per_image": 50.6}}}}}
+    text = "\n".join(render.data_section({"data": result}))
+    assert "| JPEG 500x375 -> 2 x 224 + 10 x 96 px | per_image | 1 |" in text
+    assert "| JPEG 500x375 -> 2 x 224 + 10 x 96 px | batched | 1 |" in text
+    assert "colour ops per image in the worker, the best measured here is 20.0" in text
+    assert "colour ops batched on the device, the best measured here is 180.0" in text
+    assert "on cpu" in text and "(50.60 ms per image)" in text

@@ -51,6 +51,17 @@ def test_rerun_is_bit_identical(tiny_folder, tiny_shards, tmp_path):
         assert getattr(first, name).read_bytes() == getattr(second, name).read_bytes(), name
 
 
+def test_batched_photometric_trains_the_same_for_any_worker_count(tiny_folder, tiny_shards, tmp_path):
+    _, inline, summary = run(tiny_folder, tiny_shards, tmp_path / "a", augment={"photometric": "batched"},
+                             pretrain={"epochs": 1, "num_workers": 0})
+    _, pooled, _ = run(tiny_folder, tiny_shards, tmp_path / "b", augment={"photometric": "batched"},
+                       pretrain={"epochs": 1, "num_workers": 2})
+    _, per_image, _ = run(tiny_folder, tiny_shards, tmp_path / "c", pretrain={"epochs": 1, "num_workers": 0})
+    assert torch.isfinite(torch.tensor(summary["final_loss"]))
+    assert inline.backbone_pth.read_bytes() == pooled.backbone_pth.read_bytes()
+    assert inline.backbone_pth.read_bytes() != per_image.backbone_pth.read_bytes()  # the param reaches the loader
+
+
 def test_different_seed_gives_different_weights(tiny_folder, tiny_shards, tmp_path):
     _, first, _ = run(tiny_folder, tiny_shards, tmp_path / "a", pretrain={"epochs": 1})
     params = params_from_dict(tiny_params_dict(tiny_folder, pretrain={"epochs": 1}) | {"seed": 1})
@@ -59,8 +70,10 @@ def test_different_seed_gives_different_weights(tiny_folder, tiny_shards, tmp_pa
     assert first.backbone_pth.read_bytes() != second.backbone_pth.read_bytes()
 
 
-def test_crash_then_resume_equals_uninterrupted(tiny_folder, tiny_shards, tmp_path, monkeypatch):
-    _, reference, _ = run(tiny_folder, tiny_shards, tmp_path / "reference")
+@pytest.mark.parametrize("photometric", ["per_image", "batched"])
+def test_crash_then_resume_equals_uninterrupted(photometric, tiny_folder, tiny_shards, tmp_path, monkeypatch):
+    augment = {"photometric": photometric}
+    _, reference, _ = run(tiny_folder, tiny_shards, tmp_path / "reference", augment=augment)
 
     original_step = Pretrainer.train_step
     calls = {"n": 0}
@@ -73,13 +86,13 @@ def test_crash_then_resume_equals_uninterrupted(tiny_folder, tiny_shards, tmp_pa
 
     monkeypatch.setattr(Pretrainer, "train_step", crash_at_step_six)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        run(tiny_folder, tiny_shards, tmp_path / "resumed", pretrain={"checkpoint_every_steps": 2})
+        run(tiny_folder, tiny_shards, tmp_path / "resumed", pretrain={"checkpoint_every_steps": 2}, augment=augment)
     saved = load_checkpoint(tmp_path / "resumed" / "models" / "checkpoint.pt")
     assert (saved["epoch"], saved["step"]) == (1, 0)
     monkeypatch.setattr(Pretrainer, "train_step", original_step)
 
     _, resumed, summary = run(tiny_folder, tiny_shards, tmp_path / "resumed",
-                              pretrain={"resume": "auto", "checkpoint_every_steps": 2})
+                              pretrain={"resume": "auto", "checkpoint_every_steps": 2}, augment=augment)
     assert summary["resumed"]
     assert resumed.checkpoint.read_bytes() == reference.checkpoint.read_bytes()
     assert resumed.backbone_safetensors.read_bytes() == reference.backbone_safetensors.read_bytes()
