@@ -19,14 +19,15 @@ from pathlib import Path
 
 from bench import render
 
-BENCHES = ("data", "masking", "pretrain_step", "knn", "numerics")
+BENCHES = ("data", "masking", "pretrain_step", "knn", "linear_sgd", "numerics")
 RUN_RECORD = Path("reports/bench/run.json")
 
 
 MODULES = {"data": "bench.bench_data", "masking": "bench.bench_masking", "pretrain_step": "bench.bench_pretrain",
-           "knn": "bench.bench_knn", "numerics": "bench.bench_numerics"}
+           "knn": "bench.bench_knn", "linear_sgd": "bench.bench_linear", "numerics": "bench.bench_numerics"}
 QUICK_ARGS = {"data": ["--workers", "1"], "pretrain_step": ["--rounds", "2", "--batch-vit", "2", "--batch-embedded", "16"],
-              "knn": ["--quick"], "numerics": ["--rounds", "2", "--steps", "1"]}
+              "knn": ["--quick"], "linear_sgd": ["--repeats", "2", "--head-batch", "256", "--backbone-batch", "2"],
+              "numerics": ["--rounds", "2", "--steps", "1"]}
 
 
 def run(name: str, quick: bool) -> None:

@@ -18,10 +18,11 @@ from bench.stats import format_summary
 BENCH_DIR = Path("reports/bench")
 TIMING_DIR = Path("reports/timing")
 OUTPUT = Path("reports/bench.md")
-FILES = ("run", "pretrain_step", "data", "knn", "masking", "numerics", "gpu_correctness", "gpu_step", "gpu_batch", "gpu_data", "knn_cuda",
+FILES = ("run", "pretrain_step", "data", "knn", "linear_sgd", "masking", "numerics", "gpu_correctness", "gpu_step", "gpu_batch", "gpu_data", "knn_cuda",
          "gpu_compile")
 # make repro's stages, in pipeline order (a stage without a timing file is listed as not measured yet)
-STAGES = ("generate", "shard", "pretrain", "extract", "knn", "fewshot", "linear", "finetune", "metrics", "report")
+STAGES = ("generate", "shard", "pretrain", "extract", "knn", "fewshot", "linear", "linear_sgd", "finetune", "metrics",
+          "report")
 ORDER = ("random", "block", "attmask_high", "attmask_hint", "attmask_low")  # random first: the reference
 OWED = "*owed: needs a GPU run of `bash bench/gpu.sh` (README, Benchmarks)*"
 
@@ -285,6 +286,30 @@ def knn_section(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def linear_sgd_section(results: dict[str, Any]) -> list[str]:
+    result = results.get("linear_sgd")
+    lines = ["## Official linear probe (`linear_sgd`) at the paper's 20% scale", ""]
+    if not result:
+        return lines + ["Not measured yet: `python -m bench.bench_linear`.", ""]
+    case, cpu, gpu = result["case"], result["cpu_seconds_per_epoch"], result["gpu_seconds_per_epoch"]
+    lines += [f"{case['classes']:,} classes x {case['train_images']:,} images, features {case['n_last_blocks']} x "
+              f"{case['embed_dim']} = {case['n_last_blocks'] * case['embed_dim']}, global batch {case['batch_size']}, "
+              f"{case['epochs']} epochs:", "",
+              "| part | measured | per epoch, this CPU | per epoch, one GPU |", "|---|---|---|---|",
+              f"| linear head (SGD step) | {format_summary(result['head_step_seconds'], digits=1, scale=1e3)} ms per "
+              f"batch of {result['head_batch']} ({result['threads']} threads) | {cpu['head'] / 60:.1f} min | negligible |",
+              f"| frozen ViT-S/16 forward | {format_summary(result['backbone_batch_seconds'], digits=2)} s per batch of "
+              f"{result['backbone_batch']} | {cpu['backbone_forward'] / 3600:.1f} h | {gpu['backbone_forward']:.0f} s "
+              f"({result['backbone_forward_gflop_per_image']:.2f} GFLOP/image at {gpu['rate_source']}) |",
+              f"| loader (decode + RandomResizedCrop + flip) | {result['loader_images_per_second_per_worker']:.0f} "
+              f"images/s per worker | (one worker) | {gpu['loader_16_workers']:.0f} s with {case['gpu_workers']} workers |",
+              "",
+              f"100 epochs: {result['epochs_total_hours']['cpu']:.0f} h on this CPU (not a CPU job), "
+              f"{result['epochs_total_hours']['gpu']:.1f} h on one GPU ({gpu['bound_by']}-bound; estimated, not measured).",
+              ""]
+    return lines
+
+
 def masking_section(results: dict[str, Any]) -> list[str]:
     result = results.get("masking")
     if not result:
@@ -381,7 +406,8 @@ def render(results: dict[str, Any]) -> str:
     if run.get("quick"):
         lines += ["**Smoke run (`python -m bench --quick`): small sizes and few repeats; these CPU figures are not for "
                   "quoting. `make bench` on a quiet machine replaces them.**", ""]
-    for section in (machine_section, pretrain_section, gpu_checks_section, data_section, knn_section, masking_section,
+    for section in (machine_section, pretrain_section, gpu_checks_section, data_section, knn_section, linear_sgd_section,
+                    masking_section,
                     numerics_section, timing_section, estimate_section):
         lines += section(results)
     lines += options_section()

@@ -14,6 +14,7 @@ FEATURES = Path("data/features")
 PRETRAIN_MODELS = Path("models/pretrain")
 BACKBONE = PRETRAIN_MODELS / "backbone.safetensors"
 FINETUNE_MODELS = Path("models/finetune")
+LINEAR_SGD_MODELS = Path("models/linear_sgd")
 REPORTS = Path("reports")
 PRETRAIN_REPORTS = REPORTS / "pretrain"
 EVAL_REPORTS = REPORTS / "eval"

@@ -41,6 +41,7 @@ NOT_OUTPUT_KEYS: dict[str, frozenset[str]] = {
     "pretrain": frozenset({"resume", "num_workers", "checkpoint_every", "checkpoint_every_steps", "log_every"}),
     "extract": frozenset({"num_workers", "batch_size"}),
     "finetune": frozenset({"num_workers"}),
+    "linear_sgd": frozenset({"num_workers"}),
     "data": frozenset({"verify"}),
 }
 
@@ -342,6 +343,36 @@ class LinearConfig:
 
 
 @dataclass(frozen=True)
+class LinearSgdConfig:
+    """The official linear-probing protocol (DINO's eval_linear.py): SGD head on frozen, augmented features."""
+
+    enabled: bool = False  # the embedded default keeps scikit-learn's probe (faster on CPU); the presets turn this on
+    variants: tuple[str, ...] = ("pretrained", "random_init")
+    epochs: int = 100
+    batch_size: int = 1024  # global, split over the ranks
+    lr: float = 0.001  # per 256 images (DINO's default; AttMask's README runs 0.005), scaled by batch_size / 256
+    n_last_blocks: int = 4  # [CLS] of the last n blocks, concatenated (4 for ViT-S, as the official command)
+    avgpool: bool = False  # also the mean patch token of the last block
+    val_every: int = 1
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    num_workers: int = 1
+
+    def validate(self, depth: int | None, prefix: str = "linear_sgd") -> None:
+        if not self.variants or len(set(self.variants)) != len(self.variants):
+            raise ParamsError(f"{prefix}.variants", f"needs distinct variants, got {list(self.variants)}")
+        for i, variant in enumerate(self.variants):
+            if variant not in ("pretrained", "random_init"):
+                raise ParamsError(f"{prefix}.variants[{i}]", f"{variant!r} is not one of pretrained, random_init")
+        _check_range(f"{prefix}.epochs", self.epochs, 1, None)
+        _check_range(f"{prefix}.batch_size", self.batch_size, 1, None)
+        _check_range(f"{prefix}.lr", self.lr, 0.0, None, low_open=True)
+        # checked against the model only when the probe runs: a shallow test model may leave it off
+        _check_range(f"{prefix}.n_last_blocks", self.n_last_blocks, 1, depth if self.enabled else None)
+        _check_range(f"{prefix}.val_every", self.val_every, 1, None)
+        _check_range(f"{prefix}.num_workers", self.num_workers, 0, None)
+
+
+@dataclass(frozen=True)
 class FinetuneConfig:
     """End-to-end fine-tuning of the pre-trained backbone with a new linear head."""
 
@@ -491,6 +522,7 @@ class Params:
     knn: KnnConfig = field(default_factory=KnnConfig)
     fewshot: FewshotConfig = field(default_factory=FewshotConfig)
     linear: LinearConfig = field(default_factory=LinearConfig)
+    linear_sgd: LinearSgdConfig = field(default_factory=LinearSgdConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
 
@@ -506,6 +538,7 @@ class Params:
         self.knn.validate("knn")
         self.fewshot.validate("fewshot")
         self.linear.validate("linear")
+        self.linear_sgd.validate(self.model.depth, "linear_sgd")
         self.finetune.validate("finetune")
         self.compare.validate("compare")
 

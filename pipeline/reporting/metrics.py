@@ -3,6 +3,8 @@
 ``knn``      top-1 per k of the pre-trained backbone (and ``knn_top5``)
 ``fewshot``  mean top-1 per shot count (``fewshot_std`` the spread over draws)
 ``linear``   ``{"top1": ...}`` of the logistic-regression probe
+``linear_sgd`` ``{"top1", "best_top1"}`` of the official SGD probe (only when ``linear_sgd.enabled``;
+             ``best_top1`` is the number the official script reports)
 ``finetune`` ``{"top1": ...}`` of end-to-end fine-tuning
 ``pretrain`` final losses and masked share, plus images/s and wall seconds copied from
              ``reports/timing/pretrain.json`` (clock readings: that is why ``reports/metrics.json``
@@ -35,6 +37,7 @@ def collect_metrics(eval_dir: Path, pretrain_dir: Path, variant: str = "pretrain
     knn = _read(eval_dir / "knn.json")
     fewshot = _read(eval_dir / "fewshot.json")
     linear = _read(eval_dir / "linear.json")
+    linear_sgd = read_optional(eval_dir / "linear_sgd.json") or {}
     finetune = _read(eval_dir / "finetune.json")
     pretrain = _read(pretrain_dir / "metrics.json")
 
@@ -49,6 +52,8 @@ def collect_metrics(eval_dir: Path, pretrain_dir: Path, variant: str = "pretrain
             result["fewshot"] = fewshot_means(fewshot[name])
         if name in linear:
             result["linear"] = {"top1": linear[name]["top1"]}
+        if name in linear_sgd:
+            result["linear_sgd"] = {"top1": linear_sgd[name]["top1"], "best_top1": linear_sgd[name]["best_top1"]}
         if name in finetune:
             result["finetune"] = {"top1": finetune[name]["top1"]}
         return result

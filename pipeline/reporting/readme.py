@@ -128,6 +128,7 @@ def collect_report(
         "uniform_cls_loss": math.log(params.model.out_dim),
         "expected_masked_share": masking.prob * masking.ratio,
         "supervised_reference": supervised_reference(finetune, pretrained.get("knn"), pretrained.get("linear")),
+        "linear_sgd": _linear_sgd(read_optional(eval_dir / "linear_sgd.json")),
         "paper": {"source": PAPER_SOURCE, "table": PAPER_TABLE.get(key), "fewshot": PAPER_FEWSHOT.get(masking.strategy)
                   if key in PAPER_TABLE else None},
         "figures": dict(figures),
@@ -298,6 +299,14 @@ def _header(report: dict[str, Any], commit: dict[str, Any], machine: dict[str, A
     return lines
 
 
+def _linear_sgd(result: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The official SGD probe's numbers per variant, or None when the stage was off or has not run."""
+    if not result or not result.get("enabled"):
+        return None
+    return {variant: {key: entry[key] for key in ("top1", "best_top1", "best_epoch", "epochs")}
+            for variant, entry in result.items() if variant != "enabled"}
+
+
 def _results(report: dict[str, Any]) -> list[str]:
     k = report["knn_k"]
     table = report["table"]
@@ -346,6 +355,13 @@ def _results(report: dict[str, Any]) -> list[str]:
                   if mine[col] is not None and floor[col] is not None]
         if deltas:
             notes.append(f"Pre-trained minus random init, in points: {', '.join(deltas)}.")
+    sgd = report.get("linear_sgd")
+    if sgd:
+        parts = [f"{VARIANT_LABELS.get(variant, variant)} {entry['top1']:.1f} (best {entry['best_top1']:.1f} at epoch "
+                 f"{entry['best_epoch']}, the number the official script reports)" for variant, entry in sgd.items()]
+        epochs = next(iter(sgd.values()))["epochs"]
+        notes.append(f"Official linear probe (`linear_sgd`: SGD head on the last blocks' [CLS], augmented, {epochs} "
+                     f"epochs), top-1 after the last epoch: {'; '.join(parts)}.")
     if report["missing"]:
         notes.append("Not run yet (cells left -): " + ", ".join(f"`{m}`" for m in report["missing"]) + ".")
     return lines + [" ".join(notes), ""]

@@ -197,7 +197,7 @@ def test_timing_section_lists_stages_with_run_dirs_and_the_total():
     assert "| pretrain | 300.0 s | cpu | runs/sacred/pretrain/3 |" in text
     assert "| **total** | **6.0 min** | | |" in text
     assert "On AMD EPYC, 2 CPUs, 2 torch threads." in text
-    assert "Not measured yet: generate, shard, extract, knn, fewshot, linear, report." in text
+    assert "Not measured yet: generate, shard, extract, knn, fewshot, linear, linear_sgd, report." in text
 
 
 @pytest.mark.slow
@@ -267,3 +267,24 @@ def test_data_path_bench_times_both_photometric_modes_and_renders_before_and_aft
     assert "colour ops per image in the worker, the best measured here is 20.0" in text
     assert "colour ops batched on the device, the best measured here is 180.0" in text
     assert "on cpu" in text and "(50.60 ms per image)" in text
+
+
+def test_linear_probe_bench_projects_each_part_to_an_epoch_and_renders_it():
+    from bench.bench_linear import CASE, project
+
+    head, backbone = summarize([0.02, 0.03, 0.025]), summarize([1.0, 1.2])
+    loader = {"seconds": summarize([0.1, 0.1]), "images": 32}  # 320 images/s per worker
+    result = project(head, backbone, loader, head_batch=256, backbone_batch=8, gpu_tflops=400.0, gpu_source="assumed")
+    steps = CASE["train_images"] // CASE["batch_size"]
+    cpu, gpu = result["cpu_seconds_per_epoch"], result["gpu_seconds_per_epoch"]
+    assert cpu["head"] == pytest.approx(0.025 * 4 * steps)  # batch 256 timed, 1024 per step
+    assert cpu["backbone_forward"] == pytest.approx(1.1 / 8 * CASE["train_images"])
+    assert gpu["loader_16_workers"] == pytest.approx(CASE["train_images"] / (320 * 16))
+    assert 8.5 < result["backbone_forward_gflop_per_image"] < 10.0  # ViT-S/16 at 224: 4.6 GMAC = 9.2 GFLOP
+    assert gpu["total"] == max(gpu["backbone_forward"], gpu["loader_16_workers"])
+    report = {"case": CASE, "threads": 2, "head_step_seconds": head, "head_batch": 256, "backbone_batch_seconds": backbone,
+              "backbone_batch": 8, "loader": loader, **result}
+    text = "\n".join(render.linear_sgd_section({"linear_sgd": report}))
+    assert "| linear head (SGD step) | 25.0 ms (20.0-30.0, n=3) ms" not in text
+    assert "| linear head (SGD step) | 25.0 (20.0-30.0, n=3) ms per batch of 256 (2 threads) |" in text
+    assert "loader-bound; estimated, not measured" in text

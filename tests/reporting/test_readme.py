@@ -75,6 +75,18 @@ def test_results_table_in_the_papers_format(tmp_path: Path) -> None:
     assert report["knn_k"] == 20 and report["table"]["pretrained"] == {"knn": 61.2, "linear": 70.3, "finetune": 80.4}
 
 
+def test_the_official_sgd_probe_is_reported_only_when_it_ran(tmp_path: Path) -> None:
+    report, text = render(tmp_path / "off")
+    assert report["linear_sgd"] is None and "Official linear probe" not in text
+    (tmp_path / "on" / "eval").mkdir(parents=True)
+    entry = {"top1": 61.0, "best_top1": 62.5, "best_epoch": 97, "epochs": 100, "curve": [[97, 62.5], [99, 61.0]]}
+    (tmp_path / "on" / "eval" / "linear_sgd.json").write_text(json.dumps({"enabled": True, "pretrained": entry}))
+    report, text = render(tmp_path / "on")
+    assert report["linear_sgd"] == {"pretrained": {"top1": 61.0, "best_top1": 62.5, "best_epoch": 97, "epochs": 100}}
+    assert ("100 epochs), top-1 after the last epoch: pre-trained (this run) 61.0 (best 62.5 at epoch 97, the number "
+            "the official script reports).") in text
+
+
 def test_fewshot_and_knn_tables(tmp_path: Path) -> None:
     _, text = render(tmp_path)
     assert "| pre-trained (this run) | 12.3 ± 1.5 | 22.3 ± 0.2 |" in text

@@ -56,3 +56,19 @@ def test_metrics_carry_pretrain_throughput_from_the_timing_file(tmp_path: Path) 
     assert metrics["pretrain"]["images_per_second"] == 32.5
     assert metrics["pretrain"]["wall_seconds"] == 487.5
     assert "images_per_second" not in collect_metrics(eval_dir, pretrain_dir)["pretrain"]
+
+
+def test_metrics_hold_the_official_sgd_probe_beside_the_logistic_one_when_it_ran(tmp_path: Path) -> None:
+    import json
+
+    from pipeline.reporting.metrics import collect_metrics
+
+    eval_dir, pretrain_dir, _ = write_inputs(tmp_path)
+    (eval_dir / "linear_sgd.json").write_text(json.dumps({"enabled": False}))
+    metrics = collect_metrics(eval_dir, pretrain_dir)
+    assert "linear_sgd" not in metrics and metrics["linear"] == {"top1": 70.3}
+    entry = {"top1": 55.0, "best_top1": 56.0}
+    (eval_dir / "linear_sgd.json").write_text(json.dumps({"enabled": True, "pretrained": entry, "random_init": entry}))
+    metrics = collect_metrics(eval_dir, pretrain_dir)
+    assert metrics["linear_sgd"] == entry and metrics["linear"] == {"top1": 70.3}
+    assert metrics["baselines"]["random_init"]["linear_sgd"] == entry

@@ -13,17 +13,21 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.core.config import NOT_OUTPUT_KEYS, DataConfig, ExtractConfig, FinetuneConfig, PretrainConfig
+from pipeline.core.config import (
+    NOT_OUTPUT_KEYS, DataConfig, ExtractConfig, FinetuneConfig, LinearSgdConfig, PretrainConfig,
+)
 from tests.conftest import REPO, tiny_params_dict
 from tests.reliability.support import run_stage_in_process, snapshot
 
-SECTIONS = {"pretrain": PretrainConfig, "extract": ExtractConfig, "finetune": FinetuneConfig}
+SECTIONS = {"pretrain": PretrainConfig, "extract": ExtractConfig, "finetune": FinetuneConfig,
+            "linear_sgd": LinearSgdConfig}
 PRETRAIN = {"epochs": 2, "eval_every": 1, "eval_k": 3}
 OUTPUTS = {
     "pretrain": ("models/pretrain/checkpoint.pt", "models/pretrain/backbone.safetensors", "models/pretrain/backbone.pth",
                  "reports/pretrain"),
     "extract": ("data/features", "reports/eval/extract.json"),
     "finetune": ("models/finetune", "reports/eval/finetune.json", "reports/eval/finetune_curve.csv"),
+    "linear_sgd": ("models/linear_sgd", "reports/eval/linear_sgd.json"),
 }
 
 
@@ -47,6 +51,8 @@ def workdir(root: Path, tiny_folder: Path, tiny_shards: Path, **sections) -> Pat
     sections["pretrain"] = {**PRETRAIN, **sections["pretrain"]}
     sections.setdefault("finetune", {})
     sections["finetune"] = {"epochs": 1, "batch_size": 8, "num_workers": 0, **sections["finetune"]}
+    sections["linear_sgd"] = {"enabled": True, "variants": ["pretrained"], "epochs": 2, "batch_size": 8,
+                              "n_last_blocks": 2, "num_workers": 0, **sections.get("linear_sgd", {})}
     (root / "params.yaml").write_text(yaml.safe_dump(tiny_params_dict(tiny_folder, **sections)))
     return root
 
@@ -62,7 +68,7 @@ def outputs(work: Path, stage: str) -> dict[str, bytes]:
 def reference(tmp_path_factory, tiny_folder, tiny_shards) -> Path:
     """Every stage under test, run once with the tiny defaults."""
     work = workdir(tmp_path_factory.mktemp("reference"), tiny_folder, tiny_shards)
-    for stage in ("pretrain", "extract", "finetune"):
+    for stage in ("pretrain", "extract", "finetune", "linear_sgd"):
         run_stage_in_process(work, stage)
     return work
 
@@ -76,6 +82,7 @@ CASES = [
     ("extract", {"num_workers": 1}),
     ("extract", {"batch_size": 3}),
     ("finetune", {"num_workers": 1}),
+    ("linear_sgd", {"num_workers": 1}),
 ]
 
 
@@ -96,7 +103,8 @@ def test_the_shard_stage_lists_every_data_key_but_verify():
 @pytest.mark.parametrize("stage, changes", CASES, ids=[f"{s}.{next(iter(c))}" for s, c in CASES])
 def test_a_left_out_key_changes_no_output_byte(stage, changes, reference, tiny_folder, tiny_shards, tmp_path):
     work = workdir(tmp_path / "work", tiny_folder, tiny_shards, **{stage: changes})
-    for earlier in ("pretrain", "extract")[: ("pretrain", "extract", "finetune").index(stage)]:
+    upstream = {"pretrain": (), "extract": ("pretrain",), "finetune": ("pretrain",), "linear_sgd": ("pretrain",)}[stage]
+    for earlier in upstream:
         for name in OUTPUTS[earlier]:  # the upstream outputs, as DVC would restore them
             source, target = reference / name, work / name
             target.parent.mkdir(parents=True, exist_ok=True)
