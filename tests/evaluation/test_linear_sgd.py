@@ -129,3 +129,33 @@ def test_the_stage_writes_enabled_false_when_off_and_the_summary_when_on(colour_
         written = json.loads((work / "reports" / "eval" / "linear_sgd.json").read_text())
         assert written["enabled"] is enabled and (work / "models" / "linear_sgd").is_dir()
         assert ("random_init" in written) is enabled
+
+
+@pytest.mark.slow
+def test_two_torchrun_processes_train_the_same_probe_as_one(colour_shards, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    images, shards = colour_shards
+    section = {"enabled": True, "variants": ["random_init"], "epochs": 3, "batch_size": 12, "lr": 2.0,
+               "n_last_blocks": 2, "num_workers": 0}
+    results = {}
+    for name, prefix in (("single", [sys.executable]),
+                         ("ddp", [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"])):
+        work = tmp_path / name
+        (work / "data").mkdir(parents=True)
+        (work / "data" / "shards").symlink_to(shards)
+        (work / "params.yaml").write_text(yaml.safe_dump(tiny_params_dict(images, linear_sgd=section)))
+        env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+        env.pop("WORLD_SIZE", None)
+        done = subprocess.run([*prefix, "-m", "stages.linear_sgd"], cwd=work, env=env, capture_output=True, text=True,
+                              timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        results[name] = json.loads((work / "reports" / "eval" / "linear_sgd.json").read_text())["random_init"]
+    single, ddp = results["single"], results["ddp"]
+    # each rank sees half of every global batch; the averaged gradient is the same up to float rounding
+    assert ddp["curve"] == single["curve"] and ddp["steps_per_epoch"] == single["steps_per_epoch"]
+    assert ddp["train_loss"] == pytest.approx(single["train_loss"], rel=1e-4)
