@@ -18,7 +18,7 @@ from bench.stats import format_summary
 BENCH_DIR = Path("reports/bench")
 TIMING_DIR = Path("reports/timing")
 OUTPUT = Path("reports/bench.md")
-FILES = ("run", "pretrain_step", "data", "knn", "linear_sgd", "masking", "numerics", "gpu_correctness", "gpu_step", "gpu_batch", "gpu_data", "knn_cuda",
+FILES = ("run", "pretrain_step", "data", "knn", "linear_sgd", "learning_curve", "masking", "numerics", "gpu_correctness", "gpu_step", "gpu_batch", "gpu_data", "knn_cuda",
          "gpu_compile")
 # make repro's stages, in pipeline order (a stage without a timing file is listed as not measured yet)
 STAGES = ("generate", "shard", "pretrain", "extract", "knn", "fewshot", "linear", "linear_sgd", "finetune", "metrics",
@@ -286,6 +286,28 @@ def knn_section(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def learning_curve_section(results: dict[str, Any]) -> list[str]:
+    result = results.get("learning_curve")
+    lines = ["## Embedded default: k-NN gap against pre-training budget", ""]
+    if not result:
+        return lines + ["Not measured yet: `python -m bench.learning_curve` (~45 min).", ""]
+    points = sorted(result["points"], key=lambda p: p["minutes"])
+    lines += [f"Seed {result['seed']}, `params.yaml` with only `pretrain.epochs` changed; k-NN@{result['k']} top-1 (%) of "
+              "the pre-trained teacher and its margin over the two baselines:", "",
+              "| pretrain.epochs | pre-training wall time | k-NN pre-trained | over random init | over raw pixels |",
+              "|---|---|---|---|---|"]
+    for p in points:
+        lines.append(f"| {p['epochs']} | {p['minutes']:.1f} min | {p['knn']['pretrained']:.1f} | "
+                     f"{p['gap']['random_init']:+.1f} | {p['gap']['pixels']:+.1f} |")
+    lines.append("")
+    for base, label in (("random_init", "random init"), ("pixels", "raw pixels")):
+        minutes = result["crosses_at_minutes"][base]
+        where = (f"at about {minutes:.1f} min of pre-training (log-linear between the measured budgets)" if minutes
+                 else "not within the measured budgets")
+        lines.append(f"- margin over {label} reaches +{result['target']:.0f}: {where}")
+    return lines + [""]
+
+
 def linear_sgd_section(results: dict[str, Any]) -> list[str]:
     result = results.get("linear_sgd")
     lines = ["## Official linear probe (`linear_sgd`) at the paper's 20% scale", ""]
@@ -406,8 +428,8 @@ def render(results: dict[str, Any]) -> str:
     if run.get("quick"):
         lines += ["**Smoke run (`python -m bench --quick`): small sizes and few repeats; these CPU figures are not for "
                   "quoting. `make bench` on a quiet machine replaces them.**", ""]
-    for section in (machine_section, pretrain_section, gpu_checks_section, data_section, knn_section, linear_sgd_section,
-                    masking_section,
+    for section in (machine_section, learning_curve_section, pretrain_section, gpu_checks_section, data_section,
+                    knn_section, linear_sgd_section, masking_section,
                     numerics_section, timing_section, estimate_section):
         lines += section(results)
     lines += options_section()

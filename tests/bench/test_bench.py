@@ -288,3 +288,23 @@ def test_linear_probe_bench_projects_each_part_to_an_epoch_and_renders_it():
     assert "| linear head (SGD step) | 25.0 ms (20.0-30.0, n=3) ms" not in text
     assert "| linear head (SGD step) | 25.0 (20.0-30.0, n=3) ms per batch of 256 (2 threads) |" in text
     assert "loader-bound; estimated, not measured" in text
+
+
+def test_learning_curve_finds_where_the_gap_crosses_the_target_and_renders_it():
+    from bench.learning_curve import crossing
+
+    def point(epochs, minutes, knn):
+        return {"epochs": epochs, "minutes": minutes, "knn": {"pretrained": knn, "random_init": 16.0, "pixels": 20.0},
+                "gap": {"random_init": knn - 16.0, "pixels": knn - 20.0}}
+    points = [point(16, 10.0, 33.0), point(4, 2.5, 26.0), point(32, 20.0, 37.0)]
+    assert crossing(points, "random_init", target=5.0) == 2.5  # already above at the smallest budget
+    # random init: +10 at 2.5 min, +17 at 10 min -> +15 at 5/7 of the way in log(minutes)
+    assert crossing(points, "random_init") == pytest.approx(2.5 * (10.0 / 2.5) ** (5 / 7))
+    # pixels: +13 at 10 min, +17 at 20 min -> +15 half-way in log(minutes): sqrt(10 * 20)
+    assert crossing(points, "pixels") == pytest.approx((10.0 * 20.0) ** 0.5)
+    assert crossing(points, "pixels", target=30.0) is None
+    result = {"target": 15.0, "k": 20, "seed": 0, "points": points,
+              "crosses_at_minutes": {"random_init": crossing(points, "random_init"), "pixels": crossing(points, "pixels")}}
+    text = "\n".join(render.learning_curve_section({"learning_curve": result}))
+    assert "| 4 | 2.5 min | 26.0 | +10.0 | +6.0 |" in text  # sorted by budget
+    assert "margin over raw pixels reaches +15: at about 14.1 min" in text
