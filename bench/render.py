@@ -302,8 +302,12 @@ def learning_curve_section(results: dict[str, Any]) -> list[str]:
     lines.append("")
     for base, label in (("random_init", "random init"), ("pixels", "raw pixels")):
         minutes = result["crosses_at_minutes"][base]
-        where = (f"at about {minutes:.1f} min of pre-training (log-linear between the measured budgets)" if minutes
-                 else "not within the measured budgets")
+        if minutes is None:
+            where = f"not within the measured budgets (up to {points[-1]['minutes']:.1f} min)"
+        elif minutes == points[0]["minutes"]:
+            where = f"already at the smallest budget measured ({minutes:.1f} min)"
+        else:
+            where = f"at about {minutes:.1f} min of pre-training (log-linear between the measured budgets)"
         lines.append(f"- margin over {label} reaches +{result['target']:.0f}: {where}")
     return lines + [""]
 

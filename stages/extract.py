@@ -7,13 +7,10 @@ Writes ``data/features/<variant>/{train,val}.npz`` and ``reports/eval/extract.js
 """
 from __future__ import annotations
 
-import os
 from typing import Any
 
-import torch
-
 from pipeline.core.config import Params
-from pipeline.core.distributed import init_distributed, launched_as_main_rank, resolve_device, shutdown
+from pipeline.core.distributed import join_job, launched_as_main_rank, shutdown
 from pipeline.core.files import write_json
 from pipeline.core.seeding import configure_determinism
 from pipeline.core.tracking import RunRecord
@@ -29,11 +26,7 @@ def main(params: Params, record: RunRecord | None = None, progress_bar: bool = T
     """Extract every variant; returns the summary written to ``reports/eval/extract.json``."""
     configure_determinism()
     load_backbone_state(BACKBONE)  # a missing export fails here, before any process group or image
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = resolve_device(params.extract.device, local_rank, key="extract.device")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)  # object collectives on NCCL use the current device
-    context = init_distributed(device)
+    device, context = join_job(params.extract.device, key="extract.device")
     try:
         summary = extract_features(params, SHARDS, BACKBONE, FEATURES, device, context, progress_bar=progress_bar)
         if context.is_main:

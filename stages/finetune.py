@@ -10,13 +10,10 @@ and ``reports/eval/finetune_curve.csv``.
 """
 from __future__ import annotations
 
-import os
 from typing import Any
 
-import torch
-
 from pipeline.core.config import Params
-from pipeline.core.distributed import init_distributed, launched_as_main_rank, resolve_device, shutdown
+from pipeline.core.distributed import join_job, launched_as_main_rank, shutdown
 from pipeline.core.tracking import RunRecord
 from pipeline.evaluation.finetune import FINETUNE_VARIANTS, backbone_for_variant, run_finetune, write_finetune_reports
 from stages import run_stage
@@ -27,11 +24,7 @@ from stages.paths import BACKBONE, EVAL_REPORTS, FINETUNE_MODELS, FINETUNE_SHARD
 def main(params: Params, record: RunRecord | None = None, progress_bar: bool = True) -> dict[str, Any]:
     """Fine-tune both variants; returns their metrics, wall times and the run's set-up."""
     backbone_for_variant(params, "pretrained", BACKBONE)  # a missing export fails before any heavy work
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = resolve_device(params.finetune.device, local_rank, key="finetune.device")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    context = init_distributed(device)
+    device, context = join_job(params.finetune.device, key="finetune.device")
     try:
         summary = run_finetune(params, SHARDS, BACKBONE, FINETUNE_MODELS, device, context, variants=FINETUNE_VARIANTS,
                                finetune_shards=FINETUNE_SHARDS, record=record, progress_bar=progress_bar)

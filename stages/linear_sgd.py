@@ -10,13 +10,10 @@ across reruns: an interrupted probe resumes).
 """
 from __future__ import annotations
 
-import os
 from typing import Any
 
-import torch
-
 from pipeline.core.config import Params
-from pipeline.core.distributed import init_distributed, launched_as_main_rank, resolve_device, shutdown
+from pipeline.core.distributed import join_job, launched_as_main_rank, shutdown
 from pipeline.core.files import write_json
 from pipeline.core.tracking import RunRecord
 from pipeline.evaluation.linear_sgd import run_linear_sgd
@@ -34,11 +31,7 @@ def main(params: Params, record: RunRecord | None = None, progress_bar: bool = T
             write_json({"enabled": False}, OUTPUT)
             print("linear_sgd: off (linear_sgd.enabled: false); the logistic-regression probe is the `linear` stage")
         return {"enabled": False}
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = resolve_device(params.linear_sgd.device, local_rank, key="linear_sgd.device")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    context = init_distributed(device)
+    device, context = join_job(params.linear_sgd.device, key="linear_sgd.device")
     try:
         results: dict[str, Any] = {"enabled": True, **run_linear_sgd(
             params, SHARDS, BACKBONE, LINEAR_SGD_MODELS, device, context, record=record, progress_bar=progress_bar)}

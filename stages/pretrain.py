@@ -5,11 +5,10 @@
 """
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from pipeline.core.config import Params
-from pipeline.core.distributed import init_distributed, launched_as_main_rank, resolve_device, shutdown
+from pipeline.core.distributed import join_job, launched_as_main_rank, shutdown
 from pipeline.core.seeding import configure_determinism
 from pipeline.core.tracking import RunRecord
 from pipeline.method.training import PretrainPaths, pretrain, write_training_records
@@ -20,8 +19,7 @@ from stages.paths import PRETRAIN_MODELS, PRETRAIN_REPORTS, SHARDS
 
 def main(params: Params, record: RunRecord | None = None, progress_bar: bool = True) -> dict[str, Any]:
     configure_determinism()
-    device = resolve_device(params.pretrain.device, int(os.environ.get("LOCAL_RANK", "0")))
-    context = init_distributed(device)
+    device, context = join_job(params.pretrain.device, key="pretrain.device")
     try:
         paths = PretrainPaths.under(SHARDS, PRETRAIN_MODELS, PRETRAIN_REPORTS)
         summary = pretrain(params, paths, device, context, record=record, progress_bar=progress_bar)

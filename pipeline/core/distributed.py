@@ -81,6 +81,19 @@ def init_distributed(device: torch.device) -> DistContext:
     return DistContext(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=int(os.environ.get("LOCAL_RANK", "0")))
 
 
+def join_job(device_name: str, key: str) -> tuple[torch.device, DistContext]:
+    """A stage's device (this rank's GPU under torchrun) and its place in the job.
+
+    ``device_name`` is the stage's ``device`` param (auto | cpu | cuda) and
+    ``key`` names it in errors. A CUDA device is made current before the
+    process group starts: NCCL's collectives use the current device.
+    """
+    device = resolve_device(device_name, int(os.environ.get("LOCAL_RANK", "0")), key=key)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device, init_distributed(device)
+
+
 def gather_rows(tensor: torch.Tensor, context: DistContext) -> torch.Tensor:
     """Concatenate equally shaped tensors of all ranks along dim 0, in rank order."""
     if not context.enabled:

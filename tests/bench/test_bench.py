@@ -308,3 +308,7 @@ def test_learning_curve_finds_where_the_gap_crosses_the_target_and_renders_it():
     text = "\n".join(render.learning_curve_section({"learning_curve": result}))
     assert "| 4 | 2.5 min | 26.0 | +10.0 | +6.0 |" in text  # sorted by budget
     assert "margin over raw pixels reaches +15: at about 14.1 min" in text
+    result["crosses_at_minutes"] = {"random_init": 2.5, "pixels": None}
+    text = "\n".join(render.learning_curve_section({"learning_curve": result}))
+    assert "random init reaches +15: already at the smallest budget measured (2.5 min)" in text
+    assert "raw pixels reaches +15: not within the measured budgets (up to 20.0 min)" in text

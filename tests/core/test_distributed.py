@@ -40,6 +40,18 @@ def test_device_choice_and_a_clear_error_without_cuda(monkeypatch):
     assert error.value.key == "extract.device"
 
 
+def test_join_job_gives_the_device_and_a_world_of_one_outside_torchrun(monkeypatch):
+    from pipeline.core.distributed import join_job
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    device, context = join_job("auto", key="linear_sgd.device")
+    assert device == torch.device("cpu") and context.world_size == 1 and not context.enabled
+    with pytest.raises(ParamsError) as error:
+        join_job("cuda", key="linear_sgd.device")
+    assert error.value.key == "linear_sgd.device"
+
+
 def test_collective_timeout_reads_minutes_and_rejects_nonsense(monkeypatch):
     monkeypatch.delenv("ATTMASK_DIST_TIMEOUT_MIN", raising=False)
     assert collective_timeout() == datetime.timedelta(minutes=10)
