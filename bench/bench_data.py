@@ -150,6 +150,12 @@ def time_open(shards: Path, repeats: int = 3) -> dict[str, Any]:
     return result
 
 
+def smooth_photo(rng: np.random.Generator, width: int, height: int) -> Image.Image:
+    """A smooth random RGB image: 24x32 random pixels upscaled (bicubic) to ``width`` x ``height``."""
+    small = rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)
+    return Image.fromarray(small).resize((width, height), Image.Resampling.BICUBIC)
+
+
 def build_photo_folder(root: Path, count: int, kind: str, width: int, height: int) -> None:
     """``count`` smooth random images (2 classes, 1 val each) of the given format and size."""
     rng = np.random.default_rng(1)
@@ -158,8 +164,7 @@ def build_photo_folder(root: Path, count: int, kind: str, width: int, height: in
             folder = root / split / f"c{c}"
             folder.mkdir(parents=True)
             for i in range(per_class):
-                small = rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)
-                image = Image.fromarray(small).resize((width, height), Image.Resampling.BICUBIC)
+                image = smooth_photo(rng, width, height)
                 suffix = ".JPEG" if kind == "JPEG" else ".png"
                 image.save(folder / f"{i:04d}{suffix}", kind, **({"quality": 90} if kind == "JPEG" else {}))
 

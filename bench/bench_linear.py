@@ -27,6 +27,7 @@ import torch
 from PIL import Image
 
 from bench import estimate
+from bench.bench_data import smooth_photo
 from bench.flops import backbone_forward_flops
 from bench.stats import summarize
 from pipeline.core.config import ModelConfig
@@ -78,10 +79,8 @@ def time_backbone(repeats: int, batch: int) -> dict[str, Any]:
 
 def time_loader_transform(repeats: int, images: int = 32) -> dict[str, Any]:
     """Seconds to decode and augment ``images`` 500x375 JPEGs (one worker's work)."""
-    rng = np.random.default_rng(0)
-    small = rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)
     buffer = io.BytesIO()
-    Image.fromarray(small).resize((500, 375), Image.Resampling.BICUBIC).save(buffer, "JPEG", quality=90)
+    smooth_photo(np.random.default_rng(0), 500, 375).save(buffer, "JPEG", quality=90)
     data = buffer.getvalue()
     transform = probe_train_transform(CASE["image_size"])
 

@@ -127,21 +127,22 @@ class LinearSgdProbe:
         self.optimizer = torch.optim.SGD(self.head.parameters(), lr=self.base_lr, momentum=MOMENTUM, weight_decay=0.0)
         self.history: list[dict[str, Any]] = []
         self.epoch = 0
+        self.identity = self._identity(backbone_state)
 
     # ------------------------------------------------------------- identity
-    def identity(self) -> str:
+    def _identity(self, backbone_state: dict[str, Tensor]) -> str:
         """What makes a checkpoint this run's: config, variant, seed, backbone weights, data, world size."""
         digest = hashlib.sha256()
-        for name in sorted(self.backbone.state_dict()):
+        for name in sorted(backbone_state):
             digest.update(name.encode())
-            digest.update(self.backbone.state_dict()[name].detach().cpu().contiguous().numpy().tobytes())
+            digest.update(backbone_state[name].detach().cpu().contiguous().numpy().tobytes())
         config = {k: v for k, v in asdict(self.config).items() if k not in NOT_OUTPUT_KEYS["linear_sgd"]}
         return json.dumps({"config": config, "variant": self.variant, "seed": self.params.seed,
                            "backbone": digest.hexdigest(), "image_size": self.image_size, "train": len(self.train_split),
                            "val": len(self.val_split), "world_size": self.context.world_size}, sort_keys=True)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"identity": self.identity(), "epoch": self.epoch, "head": self.head.state_dict(),
+        return {"identity": self.identity, "epoch": self.epoch, "head": self.head.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "history": json.dumps(self.history)}
 
     def try_resume(self) -> bool:
@@ -149,7 +150,7 @@ class LinearSgdProbe:
         if not self.checkpoint.is_file():
             return False
         state = load_checkpoint(self.checkpoint, map_location=self.device)
-        if state.get("identity") != self.identity():
+        if state.get("identity") != self.identity:
             if self.context.is_main:
                 tqdm.write(f"linear_sgd {self.variant}: {self.checkpoint} is from another run; starting from scratch")
             return False
@@ -185,15 +186,17 @@ class LinearSgdProbe:
         for group in self.optimizer.param_groups:
             group["lr"] = cosine_lr(self.base_lr, self.config.epochs, epoch)
         self.head.train()
-        total = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss sum, batches
+        loss_sum, batches = torch.zeros((), dtype=torch.float64, device=self.device), 0  # summed on the device: no sync
         for images, labels in self._loader(self.train_split, probe_train_transform(self.image_size), epoch, True):
             loss = nn.functional.cross_entropy(self.model(self.features(images)), labels)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
-            total += torch.stack([loss.detach().double(), torch.ones((), dtype=torch.float64, device=self.device)])
+            loss_sum += loss.detach()
+            batches += 1
             if bar is not None:
                 bar.update(1)
+        total = torch.stack([loss_sum, torch.tensor(float(batches), dtype=torch.float64, device=self.device)])
         total = all_reduce_sum(total, self.context).cpu().tolist()
         loss = total[0] / max(total[1], 1.0)
         if not math.isfinite(loss):
@@ -204,10 +207,11 @@ class LinearSgdProbe:
     def evaluate(self) -> float:
         """Val top-1 (%) over the whole split, each rank its share."""
         self.head.eval()
-        totals = torch.zeros(2, dtype=torch.float64, device=self.device)  # hits, count
+        hits, count = torch.zeros((), dtype=torch.float64, device=self.device), 0
         for images, labels in self._loader(self.val_split, eval_transform(self.image_size), 0, False):
-            hits = (self.head(self.features(images)).argmax(dim=1) == labels).sum()
-            totals += torch.stack([hits.double(), torch.tensor(float(labels.numel()), dtype=torch.float64, device=self.device)])
+            hits += (self.head(self.features(images)).argmax(dim=1) == labels).sum()
+            count += labels.numel()
+        totals = torch.stack([hits, torch.tensor(float(count), dtype=torch.float64, device=self.device)])
         totals = all_reduce_sum(totals, self.context).cpu().tolist()
         return 100.0 * totals[0] / max(totals[1], 1.0)
 
