@@ -206,7 +206,7 @@ class AugmentConfig:
 class PretrainConfig:
     """iBOT optimisation (docs/method.md, "Loss" and "Optimisation")."""
 
-    epochs: int = 8
+    epochs: int = 4
     batch_size: int = 128
     lr: float = 4e-3  # per 256 images; scaled linearly by batch_size
     min_lr: float = 1e-6
