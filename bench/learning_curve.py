@@ -33,23 +33,39 @@ TARGET = 15.0  # points above each baseline (the issue's floor; its goal is +25)
 K = "20"
 
 
-def run_budget(epochs: int, shards: Path, params: dict[str, Any], scratch: Path) -> dict[str, Any]:
-    """pretrain + extract + knn at ``epochs`` in ``scratch``; the k-NN@20 per variant and the minutes."""
-    (scratch / "data").mkdir(parents=True)
-    (scratch / "data" / "shards").symlink_to(shards.resolve())
-    params = json.loads(json.dumps(params))
-    params["pretrain"]["epochs"] = epochs
+def run_stages(params: dict[str, Any], shards: Path, scratch: Path,
+               stages: tuple[str, ...] = ("pretrain", "extract", "knn")) -> None:
+    """Run ``python -m stages.<name>`` for each of ``stages`` in ``scratch`` under ``params``.
+
+    Each stage runs in its own process, as ``make repro`` runs it; ``scratch/data/shards``
+    links to ``shards`` unless the stages build it themselves (``generate``, ``shard``).
+    """
+    (scratch / "data").mkdir(parents=True, exist_ok=True)
+    if "shard" not in stages:
+        (scratch / "data" / "shards").symlink_to(shards.resolve())
     (scratch / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = dict(os.environ, PYTHONPATH=str(Path.cwd()))
-    for stage in ("pretrain", "extract", "knn"):
+    for stage in stages:
         done = subprocess.run([sys.executable, "-m", f"stages.{stage}"], cwd=scratch, env=env, text=True,
                               capture_output=True)
         if done.returncode:
-            raise RuntimeError(f"{stage} at {epochs} epochs failed:\n{done.stderr[-2000:]}")
+            raise RuntimeError(f"{stage} in {scratch} failed:\n{done.stderr[-2000:]}")
+
+
+def knn_and_minutes(scratch: Path) -> tuple[dict[str, float], float]:
+    """k-NN@20 top-1 per feature variant and the pre-training wall minutes of a finished scratch run."""
     knn = json.loads((scratch / "reports" / "eval" / "knn.json").read_text())
     timing = json.loads((scratch / "reports" / "timing" / "pretrain.json").read_text())
-    top1 = {variant: entry["top1"][K] for variant, entry in knn.items()}
-    return {"epochs": epochs, "minutes": timing["wall_seconds"] / 60, "knn": top1,
+    return {variant: entry["top1"][K] for variant, entry in knn.items()}, timing["wall_seconds"] / 60
+
+
+def run_budget(epochs: int, shards: Path, params: dict[str, Any], scratch: Path) -> dict[str, Any]:
+    """pretrain + extract + knn at ``epochs`` in ``scratch``; the k-NN@20 per variant and the minutes."""
+    params = json.loads(json.dumps(params))
+    params["pretrain"]["epochs"] = epochs
+    run_stages(params, shards, scratch)
+    top1, minutes = knn_and_minutes(scratch)
+    return {"epochs": epochs, "minutes": minutes, "knn": top1,
             "gap": {base: top1["pretrained"] - top1[base] for base in ("random_init", "pixels") if base in top1}}
 
 

@@ -13,12 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from bench import estimate
+from bench.learning_curve import crossing
 from bench.stats import format_summary
 
 BENCH_DIR = Path("reports/bench")
 TIMING_DIR = Path("reports/timing")
 OUTPUT = Path("reports/bench.md")
-FILES = ("run", "pretrain_step", "data", "knn", "linear_sgd", "learning_curve", "masking", "numerics", "gpu_correctness", "gpu_step", "gpu_batch", "gpu_data", "knn_cuda",
+FILES = ("run", "pretrain_step", "data", "knn", "linear_sgd", "learning_curve", "learning_curve_long", "strategy_budget", "masking", "numerics", "gpu_correctness", "gpu_step", "gpu_batch", "gpu_data", "knn_cuda",
          "gpu_compile")
 # make repro's stages, in pipeline order (a stage without a timing file is listed as not measured yet)
 STAGES = ("generate", "shard", "pretrain", "extract", "knn", "fewshot", "linear", "linear_sgd", "finetune", "metrics",
@@ -291,7 +292,13 @@ def learning_curve_section(results: dict[str, Any]) -> list[str]:
     lines = ["## Embedded default: k-NN gap against pre-training budget", ""]
     if not result:
         return lines + ["Not measured yet: `python -m bench.learning_curve` (~45 min).", ""]
-    points = sorted(result["points"], key=lambda p: p["minutes"])
+    # a later, longer budget (`--out reports/bench/learning_curve_long.json`) joins the curve
+    extra = [p for p in (results.get("learning_curve_long") or {}).get("points", [])
+             if p["epochs"] not in {q["epochs"] for q in result["points"]}]
+    points = sorted(result["points"] + extra, key=lambda p: p["minutes"])
+    if extra:
+        result = {**result, "crosses_at_minutes": {base: crossing(points, base, result["target"])
+                                                   for base in result["crosses_at_minutes"]}}
     lines += [f"Seed {result['seed']}, `params.yaml` with only `pretrain.epochs` changed; k-NN@{result['k']} top-1 (%) of "
               "the pre-trained teacher and its margin over the two baselines:", "",
               "| pretrain.epochs | pre-training wall time | k-NN pre-trained | over random init | over raw pixels |",
@@ -310,6 +317,31 @@ def learning_curve_section(results: dict[str, Any]) -> list[str]:
             where = f"at about {minutes:.1f} min of pre-training (log-linear between the measured budgets)"
         lines.append(f"- margin over {label} reaches +{result['target']:.0f}: {where}")
     return lines + [""]
+
+
+def strategy_budget_section(results: dict[str, Any]) -> list[str]:
+    result = results.get("strategy_budget")
+    lines = ["## AttMask-High against AttMask-Low by pre-training budget", ""]
+    if not result:
+        return lines + ["Not measured yet: `python -m bench.strategy_budget` (~50 min).", ""]
+    lines += [f"k-NN@{result['k']} top-1 (%) of the pre-trained teacher, mean ± sd over the seeds (each seed its "
+              "own generated images), `params.yaml` with only `seed`, `pretrain.epochs` and `masking.strategy` "
+              "changed. A difference counts when it exceeds the two seed spreads together, the rule of "
+              f"`reports/comparison.md`; the paper's gap is +{result['paper_gap']:.1f}.", "",
+              "| pretrain.epochs | seeds | pre-training per run | AttMask-High | AttMask-Low | High - Low | "
+              "beyond the seed spread |",
+              "|---|---|---|---|---|---|---|"]
+    for row in result["budgets"]:
+        cells = [f"{row['knn'][s]['mean']:.1f} ± {row['knn'][s]['sd']:.1f}" if row["knn"][s]["sd"] is not None
+                 else f"{row['knn'][s]['mean']:.1f}" for s in ("attmask_high", "attmask_low")]
+        seeds = ", ".join(str(r["seed"]) for r in result["runs"]
+                          if r["epochs"] == row["epochs"] and r["strategy"] == "attmask_high")
+        lines.append(f"| {row['epochs']} | {seeds} | {row['minutes']:.1f} min | {cells[0]} | {cells[1]} | "
+                     f"{row['high_minus_low']:+.1f} | {'yes' if row['separated'] else 'no'} |")
+    separated = [str(row["epochs"]) for row in result["budgets"] if row["separated"]]
+    measured = ", ".join(str(row["epochs"]) for row in result["budgets"])
+    where = f"at {', '.join(separated)} epochs" if separated else "at none"
+    return lines + ["", f"- High and Low separate {where} of the budgets measured ({measured} epochs).", ""]
 
 
 def linear_sgd_section(results: dict[str, Any]) -> list[str]:
@@ -432,7 +464,7 @@ def render(results: dict[str, Any]) -> str:
     if run.get("quick"):
         lines += ["**Smoke run (`python -m bench --quick`): small sizes and few repeats; these CPU figures are not for "
                   "quoting. `make bench` on a quiet machine replaces them.**", ""]
-    for section in (machine_section, learning_curve_section, pretrain_section, gpu_checks_section, data_section,
+    for section in (machine_section, learning_curve_section, strategy_budget_section, pretrain_section, gpu_checks_section, data_section,
                     knn_section, linear_sgd_section, masking_section,
                     numerics_section, timing_section, estimate_section):
         lines += section(results)

@@ -312,3 +312,45 @@ def test_learning_curve_finds_where_the_gap_crosses_the_target_and_renders_it():
     text = "\n".join(render.learning_curve_section({"learning_curve": result}))
     assert "random init reaches +15: already at the smallest budget measured (2.5 min)" in text
     assert "raw pixels reaches +15: not within the measured budgets (up to 20.0 min)" in text
+
+
+def test_strategy_budget_says_at_which_budget_high_and_low_separate():
+    from bench.strategy_budget import summarise, with_overrides
+
+    params = {"seed": 0, "pretrain": {"epochs": 4, "eval_every": 2}, "masking": {"strategy": "attmask_high"}}
+    changed = with_overrides(params, 2, 12, "attmask_low")
+    assert changed == {"seed": 2, "pretrain": {"epochs": 12, "eval_every": 0}, "masking": {"strategy": "attmask_low"}}
+    assert params["pretrain"] == {"epochs": 4, "eval_every": 2}  # a copy, the input is untouched
+
+    def run(seed, epochs, strategy, knn):
+        return {"seed": seed, "epochs": epochs, "strategy": strategy, "minutes": epochs / 2, "knn": {"pretrained": knn}}
+    # 3 epochs: High 32 +- 1, Low 30 +- 2: +2 is within 1 + 2; 12 epochs: High 36 +- 1, Low 31 +- 1: +5 > 2
+    runs = [run(0, 3, "attmask_high", 31.0), run(1, 3, "attmask_high", 32.0), run(2, 3, "attmask_high", 33.0),
+            run(0, 3, "attmask_low", 28.0), run(1, 3, "attmask_low", 30.0), run(2, 3, "attmask_low", 32.0),
+            run(0, 12, "attmask_high", 35.0), run(1, 12, "attmask_high", 36.0), run(2, 12, "attmask_high", 37.0),
+            run(0, 12, "attmask_low", 30.0), run(1, 12, "attmask_low", 31.0), run(2, 12, "attmask_low", 32.0)]
+    rows = summarise(runs, [3, 12])
+    assert [(r["epochs"], r["high_minus_low"], r["separated"]) for r in rows] == [(3, 2.0, False), (12, 5.0, True)]
+    assert rows[1]["minutes"] == 6.0 and rows[1]["seeds"] == 3
+    result = {"k": 20, "seeds": [0, 1, 2], "paper_gap": 5.7, "runs": runs, "budgets": rows}
+    text = "\n".join(render.strategy_budget_section({"strategy_budget": result}))
+    assert "| 3 | 0, 1, 2 | 1.5 min | 32.0 ± 1.0 | 30.0 ± 2.0 | +2.0 | no |" in text
+    assert "| 12 | 0, 1, 2 | 6.0 min | 36.0 ± 1.0 | 31.0 ± 1.0 | +5.0 | yes |" in text
+    assert "High and Low separate at 12 epochs of the budgets measured (3, 12 epochs)." in text
+    rows[1]["separated"] = False
+    assert "separate at none of the budgets measured" in "\n".join(render.strategy_budget_section({"strategy_budget": result}))
+
+
+def test_learning_curve_joins_a_later_longer_budget_and_recomputes_the_crossing():
+    def point(epochs, minutes, knn):
+        return {"epochs": epochs, "minutes": minutes, "knn": {"pretrained": knn, "random_init": 16.0, "pixels": 20.0},
+                "gap": {"random_init": knn - 16.0, "pixels": knn - 20.0}}
+    curve = {"target": 15.0, "k": 20, "seed": 0, "points": [point(4, 2.5, 31.0), point(8, 5.0, 33.0)],
+             "crosses_at_minutes": {"random_init": 2.5, "pixels": None}}
+    long = {"target": 15.0, "k": 20, "seed": 0, "points": [point(60, 40.0, 37.0)],
+            "crosses_at_minutes": {"random_init": 40.0, "pixels": 40.0}}
+    text = "\n".join(render.learning_curve_section({"learning_curve": curve, "learning_curve_long": long}))
+    assert "| 60 | 40.0 min | 37.0 | +21.0 | +17.0 |" in text
+    # pixels: +13 at 5 min, +17 at 40 min -> +15 half-way in log(minutes): sqrt(5 * 40)
+    assert "raw pixels reaches +15: at about 14.1 min" in text
+    assert "random init reaches +15: already at the smallest budget measured (2.5 min)" in text
