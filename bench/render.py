@@ -15,6 +15,7 @@ from typing import Any
 from bench import estimate
 from bench.learning_curve import crossing
 from bench.stats import format_summary
+from pipeline.reporting.compare import Stat
 
 BENCH_DIR = Path("reports/bench")
 TIMING_DIR = Path("reports/timing")
@@ -332,10 +333,10 @@ def strategy_budget_section(results: dict[str, Any]) -> list[str]:
               "beyond the seed spread |",
               "|---|---|---|---|---|---|---|"]
     for row in result["budgets"]:
-        cells = [f"{row['knn'][s]['mean']:.1f} ± {row['knn'][s]['sd']:.1f}" if row["knn"][s]["sd"] is not None
-                 else f"{row['knn'][s]['mean']:.1f}" for s in ("attmask_high", "attmask_low")]
-        seeds = ", ".join(str(r["seed"]) for r in result["runs"]
-                          if r["epochs"] == row["epochs"] and r["strategy"] == "attmask_high")
+        runs = {s: [r for r in result["runs"] if r["epochs"] == row["epochs"] and r["strategy"] == s]
+                for s in ("attmask_high", "attmask_low")}
+        cells = [Stat(tuple(r["knn"]["pretrained"] for r in runs[s])).text() for s in runs]
+        seeds = ", ".join(str(r["seed"]) for r in runs["attmask_high"])
         lines.append(f"| {row['epochs']} | {seeds} | {row['minutes']:.1f} min | {cells[0]} | {cells[1]} | "
                      f"{row['high_minus_low']:+.1f} | {'yes' if row['separated'] else 'no'} |")
     separated = [str(row["epochs"]) for row in result["budgets"] if row["separated"]]
