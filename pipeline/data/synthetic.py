@@ -399,8 +399,12 @@ def _distractors(rng: np.random.Generator, draw: ImageDraw.ImageDraw, canvas: in
             draw.polygon([(float(x + a * math.cos(b)), float(y + a * math.sin(b))) for a, b in zip(r, t)], fill=colour)
 
 
-def render_image(class_index: int, rng: np.random.Generator, size: int) -> np.ndarray:
-    """One image of class ``class_index`` drawn from ``rng``; returns (size, size, 3) uint8."""
+def render_image(class_index: int, rng: np.random.Generator, size: int, record: dict | None = None) -> np.ndarray:
+    """One image of class ``class_index`` drawn from ``rng``; returns (size, size, 3) uint8.
+
+    ``record``, when given, receives the drawn scene (see :func:`scene`); it
+    changes no draw, so the pixels are the same with or without it.
+    """
     ss = _supersample(size)
     canvas = size * ss
     image, bg_mean = _background(rng, size, canvas)
@@ -421,6 +425,9 @@ def render_image(class_index: int, rng: np.random.Generator, size: int) -> np.nd
         pattern = _texture_mask(shape.texture, canvas, centre, radius, angle, aspect, rng.uniform(0, 1, 2))
         fill.paste(_to_rgb8(second), mask=pattern)
     image.paste(fill, mask=mask)
+    if record is not None:
+        record.update(object_colour=colour, second_colour=second, background_colour=bg_mean,
+                      centre=centre / canvas, extent=2 * radius / canvas, angle=angle)
 
     # A few thin lines/dots in front, so the silhouette is never perfectly clean.
     _distractors(rng, ImageDraw.Draw(image), canvas, ss, int(rng.integers(*DISTRACTORS_FRONT)), ("line", "dot"))
@@ -439,6 +446,41 @@ def image_rng(seed: int, split: str, class_index: int, image_index: int) -> np.r
 def render(seed: int, split: str, class_index: int, image_index: int, size: int) -> np.ndarray:
     """The (size, size, 3) uint8 image stored at ``split/<class>/<class>_<image_index>.png``."""
     return render_image(class_index, image_rng(seed, split, class_index, image_index), size)
+
+
+def scene(seed: int, split: str, class_index: int, image_index: int, size: int) -> dict:
+    """The class-independent draws behind one stored image: what a model could match instead of the shape.
+
+    Returns ``{"object_colour", "second_colour", "background_colour"}`` as RGB
+    floats in [0, 1] (the background's is its mean over the smooth layer),
+    ``"centre"`` (x, y) and ``"extent"`` as shares of the side, ``"angle"`` (rad).
+    """
+    record: dict = {}
+    render_image(class_index, image_rng(seed, split, class_index, image_index), size, record)
+    return record
+
+
+def palette_index(colour: np.ndarray) -> int:
+    """The :data:`PALETTE` entry nearest to an RGB colour in [0, 1]: which of the few colours it was drawn from."""
+    return int(np.argmin(((np.asarray(PALETTE) - np.asarray(colour)) ** 2).sum(axis=1)))
+
+
+def image_identity(relative_path: str) -> tuple[str, int, int]:
+    """``(split, class_index, image_index)`` of a generated file, from its path relative to the dataset root.
+
+    The inverse of the layout :func:`generate_dataset` writes, e.g.
+    ``"val/c09_spiral/c09_spiral_00049.png"`` -> ``("val", 9, 49)``.
+
+    Raises:
+        ValueError: the path is not in that layout.
+    """
+    parts = relative_path.split("/")
+    stem = parts[-1].rsplit(".", 1)[0] if parts else ""
+    folder = parts[1] if len(parts) == 3 else ""
+    if (len(parts) != 3 or parts[0] not in SPLITS or not folder[1:3].isdigit()
+            or not stem.startswith(folder + "_") or not stem[len(folder) + 1:].isdigit()):
+        raise ValueError(f"{relative_path!r} is not a generated image path (<split>/cNN_<name>/cNN_<name>_<index>.png)")
+    return parts[0], int(folder[1:3]), int(stem[len(folder) + 1:])
 
 
 def encode_png(array: np.ndarray) -> bytes:

@@ -8,7 +8,8 @@ import pytest
 from PIL import Image
 
 from pipeline.core.config import SyntheticConfig, params_from_dict
-from pipeline.data.synthetic import CLASSES, class_names, generate_dataset, render
+from pipeline.data.synthetic import (CLASSES, PALETTE, class_names, generate_dataset, image_identity, palette_index,
+                                     render, scene)
 
 SMALL = SyntheticConfig(num_classes=3, train_per_class=4, val_per_class=2, image_size=32)
 
@@ -119,6 +120,37 @@ def test_colour_carries_no_class_information() -> None:
     standard_error = means.std(1).mean(0) / np.sqrt(per_class)
     # Between-class std of the means vs its expectation under "no class effect".
     assert np.all(class_means.std(0) < 2.0 * standard_error)
+
+
+def test_scene_records_the_draws_without_changing_the_image() -> None:
+    # Star (class 0): its centre is always inside the silhouette, so the pixel
+    # there shows the recorded object colour (up to pixel noise and rounding).
+    hits = 0
+    for i in range(8):
+        image = render(3, "val", 0, i, 48)
+        drawn = scene(3, "val", 0, i, 48)
+        assert np.array_equal(render(3, "val", 0, i, 48), image)  # recording is side-effect free
+        x, y = np.clip((drawn["centre"] * 48).astype(int), 0, 47)
+        hits += np.abs(image[y, x] / 255.0 - drawn["object_colour"]).max() < 0.12
+        assert 0.45 - 1e-9 <= drawn["extent"] <= 0.8 + 1e-9
+    assert hits >= 7
+
+
+def test_palette_index_names_the_nearest_palette_colour() -> None:
+    for k, colour in enumerate(PALETTE):
+        assert palette_index(np.asarray(colour) + 0.03) == k
+
+
+def test_image_identity_inverts_the_layout(small_dataset: tuple[Path, dict]) -> None:
+    root, _ = small_dataset
+    for path in sorted(root.rglob("*.png")):
+        split, class_index, image_index = image_identity(str(path.relative_to(root)))
+        assert path.relative_to(root) == Path(split, class_names(3)[class_index],
+                                              f"{class_names(3)[class_index]}_{image_index:05d}.png")
+    for bad in ("train/c00_star.png", "test/c00_star/c00_star_00001.png", "val/star/star_00001.png",
+                "val/c00_star/c01_cross_00001.png", "val/c00_star/c00_star_x.png"):
+        with pytest.raises(ValueError, match="not a generated image path"):
+            image_identity(bad)
 
 
 @pytest.mark.parametrize("num_classes", [2, 26])
