@@ -20,7 +20,7 @@ from pipeline.reporting.compare import Stat
 BENCH_DIR = Path("reports/bench")
 TIMING_DIR = Path("reports/timing")
 OUTPUT = Path("reports/bench.md")
-FILES = ("run", "pretrain_step", "data", "knn", "linear_sgd", "learning_curve", "learning_curve_long", "strategy_budget", "masking", "numerics", "gpu_correctness", "gpu_step", "gpu_batch", "gpu_data", "knn_cuda",
+FILES = ("run", "pretrain_step", "data", "knn", "linear_sgd", "learning_curve", "learning_curve_long", "strategy_budget", "feature_attributes", "masking", "numerics", "gpu_correctness", "gpu_step", "gpu_batch", "gpu_data", "knn_cuda",
          "gpu_compile")
 # make repro's stages, in pipeline order (a stage without a timing file is listed as not measured yet)
 STAGES = ("generate", "shard", "pretrain", "extract", "knn", "fewshot", "linear", "linear_sgd", "finetune", "metrics",
@@ -345,6 +345,33 @@ def strategy_budget_section(results: dict[str, Any]) -> list[str]:
     return lines + ["", f"- High and Low separate {where} of the budgets measured ({measured} epochs).", ""]
 
 
+def feature_attributes_section(results: dict[str, Any]) -> list[str]:
+    result = results.get("feature_attributes")
+    lines = ["## Embedded default: what the features encode", ""]
+    if not result:
+        return lines + ["Not measured yet: `python -m bench.feature_attributes` (after `make repro`, ~20 s).", ""]
+    names = {"class": "class", "object_colour": "object colour", "background_colour": "background colour"}
+    labels = {"pretrained": "pre-trained", "random_init": "random init", "pixels": "raw pixels"}
+    lines += [f"Seed {result['seed']}'s `make repro` outputs. The pipeline's weighted k-NN@{result['k']} on the "
+              "`extract` features, asked for each val image's class and for the two palette colours the generator "
+              "drew independently of the class; top-1 (%):", "",
+              "| features | " + " | ".join(names.values()) + " |", "|---|" + "---|" * len(names)]
+    for variant, label in labels.items():
+        row = result["knn"][variant]
+        lines.append(f"| {label} | " + " | ".join(f"{row[a]:.1f}" for a in names) + " |")
+    lines.append("| always the most frequent value | " + " | ".join(f"{result['majority'][a]:.1f}" for a in names) + " |")
+    lines += ["", f"The [CLS] prototype (argmax of {result['out_dim']}) each network assigns to the "
+              f"{result['num_train']:,} train images: normalised mutual information with each attribute, and what a "
+              "random relabelling with the same cluster sizes gets (chance):", "",
+              "| network | prototypes used | " + " | ".join(names.values()) + " | colour pair |",
+              "|---|---|" + "---|" * (len(names) + 1)]
+    for network in ("pretrained_teacher", "random_init"):
+        row = result["clusters"][network]
+        cells = [f"{row['nmi'][a]:.2f} (chance {row['chance_nmi'][a]:.2f})" for a in (*names, "colour_pair")]
+        lines.append(f"| {network.replace('_', ' ')} | {row['used']} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def linear_sgd_section(results: dict[str, Any]) -> list[str]:
     result = results.get("linear_sgd")
     lines = ["## Official linear probe (`linear_sgd`) at the paper's 20% scale", ""]
@@ -465,7 +492,8 @@ def render(results: dict[str, Any]) -> str:
     if run.get("quick"):
         lines += ["**Smoke run (`python -m bench --quick`): small sizes and few repeats; these CPU figures are not for "
                   "quoting. `make bench` on a quiet machine replaces them.**", ""]
-    for section in (machine_section, learning_curve_section, strategy_budget_section, pretrain_section, gpu_checks_section, data_section,
+    for section in (machine_section, learning_curve_section, strategy_budget_section, feature_attributes_section,
+                    pretrain_section, gpu_checks_section, data_section,
                     knn_section, linear_sgd_section, masking_section,
                     numerics_section, timing_section, estimate_section):
         lines += section(results)

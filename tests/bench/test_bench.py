@@ -354,3 +354,60 @@ def test_learning_curve_joins_a_later_longer_budget_and_recomputes_the_crossing(
     # pixels: +13 at 5 min, +17 at 40 min -> +15 half-way in log(minutes): sqrt(5 * 40)
     assert "raw pixels reaches +15: at about 14.1 min" in text
     assert "random init reaches +15: already at the smallest budget measured (2.5 min)" in text
+
+
+def test_feature_attributes_reads_what_the_features_hold():
+    from bench.feature_attributes import chance_nmi, cluster_nmi, knn_readout, majority_share
+    rng = torch.Generator().manual_seed(0)
+    n = 600
+    labels = torch.randint(0, 10, (n,), generator=rng).numpy()
+    colours = torch.randint(0, 6, (n,), generator=rng).numpy()
+    attrs = {"class": labels, "object_colour": colours, "background_colour": (colours + 1) % 6}
+    # features that hold the object colour and nothing else: colours read perfectly, the class at chance
+    features = torch.nn.functional.one_hot(torch.from_numpy(colours), 6).float().numpy()
+    features = features + 0.01 * torch.randn(n, 6, generator=rng).numpy()
+    train, val = slice(0, 500), slice(500, n)
+    read = knn_readout(features[train], features[val], {k: v[train] for k, v in attrs.items()},
+                       {k: v[val] for k, v in attrs.items()}, temperature=0.07)
+    assert read["object_colour"] == 100.0 and read["background_colour"] == 100.0
+    assert read["class"] < 25.0
+    attrs["colour_pair"] = attrs["object_colour"] * 6 + attrs["background_colour"]
+    nmi = cluster_nmi(colours, attrs)
+    assert nmi["object_colour"] == pytest.approx(1.0) and nmi["class"] < 0.05
+    assert max(chance_nmi(colours, attrs, seed=0).values()) < 0.05
+    assert majority_share([0, 0, 0, 1]) == 75.0
+
+
+def test_feature_attributes_section_renders_both_tables():
+    row = {"class": 33.6, "object_colour": 87.0, "background_colour": 100.0}
+    nmi = {"class": 0.04, "object_colour": 0.26, "background_colour": 0.55, "colour_pair": 0.64}
+    result = {"k": 20, "seed": 0, "num_train": 5000, "num_val": 500, "out_dim": 64,
+              "knn": {v: row for v in ("pretrained", "random_init", "pixels")},
+              "majority": {"class": 10.0, "object_colour": 19.6, "background_colour": 18.6},
+              "clusters": {n: {"used": 48, "nmi": nmi, "chance_nmi": {k: 0.01 for k in nmi}}
+                           for n in ("pretrained_teacher", "random_init")}}
+    text = "\n".join(render.feature_attributes_section({"feature_attributes": result}))
+    assert "| pre-trained | 33.6 | 87.0 | 100.0 |" in text
+    assert "| pretrained teacher | 48 | 0.04 (chance 0.01) | 0.26 (chance 0.01) | 0.55 (chance 0.01) | 0.64 (chance 0.01) |" in text
+    assert "Not measured yet" in "\n".join(render.feature_attributes_section({}))
+
+
+def test_feature_attributes_replays_each_images_own_draws():
+    from bench.feature_attributes import split_attributes
+    from pipeline.data.synthetic import palette_index, scene
+
+    class FakeSplit:  # what split_attributes reads of a ShardSplit: its name, length and per-sample paths
+        split = "val"
+        paths = ["val/c02_ring/c02_ring_00004.png", "val/c00_star/c00_star_00001.png"]
+
+        def __len__(self):
+            return len(self.paths)
+
+        def metadata(self, i):
+            return {"path": self.paths[i]}
+
+    attrs = split_attributes(FakeSplit(), seed=5, image_size=32, progress=False)
+    assert attrs["class"].tolist() == [2, 0]
+    expected = [palette_index(scene(5, "val", c, i, 32)["background_colour"]) for c, i in ((2, 4), (0, 1))]
+    assert attrs["background_colour"].tolist() == expected
+    assert attrs["colour_pair"].tolist() == (attrs["object_colour"] * 6 + attrs["background_colour"]).tolist()
