@@ -411,3 +411,11 @@ def test_feature_attributes_replays_each_images_own_draws():
     expected = [palette_index(scene(5, "val", c, i, 32)["background_colour"]) for c, i in ((2, 4), (0, 1))]
     assert attrs["background_colour"].tolist() == expected
     assert attrs["colour_pair"].tolist() == (attrs["object_colour"] * 6 + attrs["background_colour"]).tolist()
+
+
+def test_feature_attributes_refuses_a_folder_it_has_no_generator_for(tmp_path):
+    from bench.feature_attributes import measure
+    from pipeline.core.config import load_params
+    params = load_params("params.yaml", {"data.source": "imagefolder"})
+    with pytest.raises(SystemExit, match="needs data.source: synthetic"):
+        measure(params, tmp_path / "shards", tmp_path / "features", tmp_path / "checkpoint.pt", progress=False)
