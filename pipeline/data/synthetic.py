@@ -22,6 +22,7 @@ import io
 import math
 import multiprocessing
 import os
+import re
 import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -474,13 +475,12 @@ def image_identity(relative_path: str) -> tuple[str, int, int]:
     Raises:
         ValueError: the path is not in that layout.
     """
-    parts = relative_path.split("/")
-    stem = parts[-1].rsplit(".", 1)[0] if parts else ""
-    folder = parts[1] if len(parts) == 3 else ""
-    if (len(parts) != 3 or parts[0] not in SPLITS or not folder[1:3].isdigit()
-            or not stem.startswith(folder + "_") or not stem[len(folder) + 1:].isdigit()):
+    splits = "|".join(SPLITS)
+    match = re.fullmatch(rf"(?P<split>{splits})/(?P<folder>c(?P<cls>\d{{2}})_[^/]+)/(?P=folder)_(?P<index>\d+)\.png",
+                         relative_path)
+    if match is None:
         raise ValueError(f"{relative_path!r} is not a generated image path (<split>/cNN_<name>/cNN_<name>_<index>.png)")
-    return parts[0], int(folder[1:3]), int(stem[len(folder) + 1:])
+    return match["split"], int(match["cls"]), int(match["index"])
 
 
 def encode_png(array: np.ndarray) -> bytes:

@@ -148,7 +148,7 @@ def test_image_identity_inverts_the_layout(small_dataset: tuple[Path, dict]) -> 
         assert path.relative_to(root) == Path(split, class_names(3)[class_index],
                                               f"{class_names(3)[class_index]}_{image_index:05d}.png")
     for bad in ("train/c00_star.png", "test/c00_star/c00_star_00001.png", "val/star/star_00001.png",
-                "val/c00_star/c01_cross_00001.png", "val/c00_star/c00_star_x.png"):
+                "val/c00_star/c01_cross_00001.png", "val/c00_star/c00_star_x.png", "val/x00_star/x00_star_00001.png"):
         with pytest.raises(ValueError, match="not a generated image path"):
             image_identity(bad)
 
