@@ -38,6 +38,7 @@ from pipeline.data.synthetic import PALETTE, image_identity, palette_index, scen
 from pipeline.evaluation.extract import extract_split
 from pipeline.evaluation.feature_files import load_variant
 from pipeline.evaluation.knn import weighted_knn
+from pipeline.method.backbone_export import random_backbone_state
 from pipeline.method.checkpoint import load_checkpoint
 from pipeline.method.model import IBOTNetwork, build_network
 
@@ -90,10 +91,12 @@ def chance_nmi(clusters: np.ndarray, attrs: dict[str, np.ndarray], seed: int) ->
 
 
 def random_network(params: Params) -> IBOTNetwork:
-    """A teacher-shaped network at its seeded random initialisation (the global generator is left as it was)."""
+    """The ``random_init`` baseline's backbone under a seeded random head (the global generator is left as it was)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(params.seed, "random_init"))
-        return build_network(params.model, drop_path_rate=0.0)
+        network = build_network(params.model, drop_path_rate=0.0)
+    network.backbone.vit.load_state_dict(random_backbone_state(params.model, params.seed), strict=True)
+    return network
 
 
 def teacher_network(params: Params, checkpoint: Path) -> IBOTNetwork:
@@ -110,8 +113,7 @@ def prototype_assignments(networks: dict[str, IBOTNetwork], split: ShardSplit, p
         network.eval()
         return lambda images: network(images)["cls"].argmax(dim=1, keepdim=True).float()
 
-    image_size = params.extract.image_size or params.augment.global_size
-    sets = extract_split(split, {name: assign(net) for name, net in networks.items()}, image_size=image_size,
+    sets = extract_split(split, {name: assign(net) for name, net in networks.items()}, image_size=params.extract_image_size(),
                          batch_size=params.extract.batch_size, device=torch.device("cpu"), progress_bar=progress,
                          desc=f"prototypes {split.split}")
     assert sets is not None
