@@ -175,8 +175,12 @@ def machine_info() -> dict[str, Any]:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         cpus = os.cpu_count()
+    identity = cpu_identity()
     info.update(
         cpu=cpu_model(),
+        cpu_vendor=identity["vendor"],
+        cpu_family=identity["family"],
+        cpu_model_number=identity["model"],
         cpus=cpus,
         threads=torch.get_num_threads() if torch is not None else None,
         world_size=int(os.environ.get("WORLD_SIZE", "1")),
@@ -184,6 +188,26 @@ def machine_info() -> dict[str, Any]:
         platform=platform.platform(),
     )
     return info
+
+
+def cpu_identity() -> dict[str, str | None]:
+    """The first CPU's ``vendor`` (``GenuineIntel``, ``AuthenticAMD``), x86 ``family`` and ``model`` numbers."""
+    fields = _first_cpu_fields()
+    return {"vendor": fields.get("vendor_id"), "family": fields.get("cpu family"), "model": fields.get("model")}
+
+
+def _first_cpu_fields() -> dict[str, str]:
+    """``/proc/cpuinfo``'s fields for the first processor ({} where it cannot be read)."""
+    fields: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
+            if not line.strip():
+                break  # the first processor is enough
+            key, _, value = line.partition(":")
+            fields[key.strip()] = value.strip()
+    except OSError:
+        pass
+    return fields
 
 
 def cpu_model() -> str:
@@ -216,19 +240,11 @@ def environment() -> dict[str, Any]:
                             "numerics": describe_numerics()}
     if LOCK_FILE.is_file():
         info["lock_sha256"] = sha256_file(LOCK_FILE)
-    try:
-        fields = {}
-        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
-            if not line.strip():
-                break  # the first processor is enough
-            key, _, value = line.partition(":")
-            fields[key.strip()] = value.strip()
-        info["cpu_family"] = fields.get("cpu family")
-        info["cpu_model_number"] = fields.get("model")
-        present = set(fields.get("flags", "").split())
-        info["isa"] = [flag for flag in ISA_FLAGS if flag in present]
-    except OSError:
-        pass
+    fields = _first_cpu_fields()
+    info["cpu_family"] = fields.get("cpu family")
+    info["cpu_model_number"] = fields.get("model")
+    present = set(fields.get("flags", "").split())
+    info["isa"] = [flag for flag in ISA_FLAGS if flag in present]
     return info
 
 
