@@ -40,6 +40,7 @@ def with_overrides(params: dict[str, Any], seed: int, epochs: int | None = None,
     params["pretrain"]["eval_every"] = 0
     if epochs is not None:
         params["pretrain"]["epochs"] = epochs
+        params["pretrain"]["min_steps"] = 0  # the budget as given
     if strategy is not None:
         params["masking"]["strategy"] = strategy
     return params

@@ -36,7 +36,7 @@ def test_default_recipe_lifts_knn_above_random_init(tmp_path: Path) -> None:
     generate_dataset(images, synthetic, raw["seed"], progress=False, workers=1)
     raw["data"] = {"source": "imagefolder", "root": str(images), "shard_size": 1000}
     # the default recipe, shortened: only the budget and the bookkeeping differ from params.yaml
-    raw["pretrain"].update(epochs=EPOCHS, batch_size=BATCH, num_workers=0, eval_every=0, checkpoint_every=EPOCHS)
+    raw["pretrain"].update(epochs=EPOCHS, min_steps=0, batch_size=BATCH, num_workers=0, eval_every=0, checkpoint_every=EPOCHS)
     params = params_from_dict(raw)
     shards = tmp_path / "shards"
     build_shards(params.data, params.seed, shards, workers=1, progress=False)

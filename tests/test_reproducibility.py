@@ -6,8 +6,8 @@
 (b) ``dvc push`` to a local directory remote, a fresh ``git clone`` and
     ``dvc pull`` restore the metrics, reports and models, and ``dvc status`` is
     clean: nothing has to be rerun.
-(c) The golden test: every output file's MD5 (a checkpoint's: of its contents
-    but its code fingerprint) equals the one committed in
+(c) The golden test: every output file's MD5, the checkpoint's whole (its run
+    identity hashes exactly the pretrain stage's code deps), equals the one committed in
     ``tests/golden/tiny_pipeline.json``, whichever x86-64 CPU runs it (the tiny
     config computes with ``numerics: compatible``, the mode whose bits MKL
     documents as the same on Intel and AMD). A mismatch names the first stage
@@ -43,7 +43,7 @@ TINY: dict[str, Any] = {
               "head_bottleneck_dim": 32},
     "augment": {"global_size": 16, "local_size": 8, "local_number": 2},
     # resume never: a forced rerun really recomputes (auto would continue the finished run: nothing to do)
-    "pretrain": {"epochs": 1, "batch_size": 8, "num_workers": 1, "warmup_epochs": 0, "warmup_teacher_temp_epochs": 0,
+    "pretrain": {"epochs": 1, "min_steps": 0, "batch_size": 8, "num_workers": 1, "warmup_epochs": 0, "warmup_teacher_temp_epochs": 0,
                  "checkpoint_every": 1, "log_every": 1, "device": "cpu", "resume": "never"},
     "extract": {"batch_size": 16, "num_workers": 1, "device": "cpu"},
     "knn": {"k": [2, 4]},
@@ -148,74 +148,67 @@ def test_push_clone_pull_restores_results_without_rerunning(reproduced: tuple[Pa
     assert not (clone / "runs").exists(), "a stage ran in the clone"
 
 
-def test_a_killed_pretrain_continues_on_a_plain_dvc_repro(tmp_path: Path) -> None:
-    """SIGKILL in the middle of pre-training, then a plain ``dvc repro``: it resumes on its own (resume: auto),
-    and the outputs and dvc.lock equal those of an uninterrupted run."""
+# three epochs with the k-NN curve on (a point per epoch), a checkpoint every step, resume: auto
+WITH_CURVE: dict[str, Any] = {"pretrain": {"epochs": 3, "batch_size": 4, "checkpoint_every_steps": 1, "resume": "auto",
+                                           "eval_every": 1, "eval_k": 2}}
+PRETRAIN_OUTPUTS = ("models/pretrain/checkpoint.pt", "models/pretrain/backbone.safetensors", "reports/pretrain/steps.csv",
+                    "reports/pretrain/epochs.csv", "reports/pretrain/log.txt", "reports/pretrain/knn.csv",
+                    "reports/pretrain/metrics.json", "dvc.lock")
+
+
+@pytest.fixture(scope="module")
+def trained_with_curve(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, bytes]]:
+    """A tiny copy after an uninterrupted ``dvc repro pretrain`` (:data:`WITH_CURVE`), and its outputs' bytes."""
+    repo = copy_repository(tmp_path_factory.mktemp("curve") / "repo", **WITH_CURVE)
+    dvc(repo, "repro", "pretrain")
+    outputs = {name: (repo / name).read_bytes() for name in PRETRAIN_OUTPUTS}
+    assert len(outputs["reports/pretrain/knn.csv"].splitlines()) == 4, "one k-NN point per epoch, under a header"
+    return repo, outputs
+
+
+def test_a_forced_rerun_of_a_finished_pretrain_is_byte_identical(trained_with_curve) -> None:
+    """``dvc repro --force pretrain`` deletes the declared outputs but the checkpoint, finds nothing left to
+    train and writes every output again, the k-NN curve included, from the checkpoint."""
+    repo, outputs = trained_with_curve
+    assert "nothing left to train" in dvc(repo, "repro", "--force", "pretrain")
+    for name, expected in outputs.items():
+        assert (repo / name).read_bytes() == expected, name
+
+
+def test_a_killed_pretrain_continues_on_a_plain_dvc_repro(trained_with_curve, tmp_path: Path) -> None:
+    """SIGKILL in the middle of pre-training, after the first k-NN point, then a plain ``dvc repro``: it resumes on
+    its own (resume: auto), and the outputs, k-NN curve included, and dvc.lock equal an uninterrupted run's."""
     import signal
     import time
 
-    longer = {"pretrain": {"epochs": 3, "batch_size": 4, "checkpoint_every_steps": 1, "resume": "auto"}}
-    plain = copy_repository(tmp_path / "plain", **longer)
-    dvc(plain, "repro", "pretrain")
-    killed = copy_repository(tmp_path / "killed", **longer)
+    _, outputs = trained_with_curve
+    killed = copy_repository(tmp_path / "killed", **WITH_CURVE)
+    curve = killed / "reports" / "pretrain" / "knn.csv"
+    curve.unlink()  # the committed default run's curve, which DVC would delete only once the stage starts
     env = {k: v for k, v in os.environ.items() if not k.startswith("ATTMASK_")}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     process = subprocess.Popen([str(Path(sys.executable).parent / "dvc"), "repro", "pretrain"], cwd=killed, env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    checkpoint = killed / "models" / "pretrain" / "checkpoint.pt"
     deadline = time.monotonic() + 300
-    while not checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
+
+    def points() -> int:
+        return len(curve.read_text().splitlines()) - 1 if curve.is_file() else 0
+
+    while points() < 1 and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
     assert process.poll() is None, "pre-training ended before it could be killed"
+    assert points() == 1, "killed after the first k-NN point, before the second"
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     assert not (killed / "models" / "pretrain" / "backbone.safetensors").exists(), "killed after the end, not mid-run"
     out = dvc(killed, "repro", "pretrain")
     assert "resuming this run" in out
-    assert (killed / "dvc.lock").read_text() == (plain / "dvc.lock").read_text()
-    for name in ("models/pretrain/checkpoint.pt", "models/pretrain/backbone.safetensors", "reports/pretrain/steps.csv",
-                 "reports/pretrain/knn.csv", "reports/pretrain/metrics.json"):
-        assert (killed / name).read_bytes() == (plain / name).read_bytes(), name
-
-
-def checkpoint_digest(path: Path) -> str:
-    """MD5 of a pre-training checkpoint's contents but its code fingerprint.
-
-    The checkpoint names the hash of the library's code (its run identity), so
-    its bytes change with any edit of the code, even one that computes the same
-    numbers; the golden test is about the numbers.
-    """
-    import hashlib
-
-    import torch
-
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    state["identity"] = {k: v for k, v in state["identity"].items() if k != "code"}
-    digest = hashlib.md5()
-
-    def add(value: Any) -> None:
-        if isinstance(value, torch.Tensor):
-            digest.update(f"{value.dtype}{tuple(value.shape)}".encode())
-            digest.update(value.contiguous().numpy().tobytes())
-        elif isinstance(value, dict):
-            for key, item in value.items():
-                digest.update(repr(key).encode())
-                add(item)
-        elif isinstance(value, (list, tuple)):
-            for item in value:
-                add(item)
-        else:
-            digest.update(repr(value).encode())
-
-    add(state)
-    return "contents " + digest.hexdigest()
+    for name, expected in outputs.items():
+        assert (killed / name).read_bytes() == expected, name
 
 
 def output_hashes(repo: Path, lock_text: str) -> dict[str, dict[str, str]]:
-    """Stage -> output file (relative to the repository) -> MD5, in pipeline order; directories file by file.
-
-    A checkpoint counts by :func:`checkpoint_digest`.
-    """
+    """Stage -> output file (relative to the repository) -> MD5, in pipeline order; directories file by file."""
     import hashlib
 
     found: dict[str, dict[str, str]] = {}
@@ -225,8 +218,7 @@ def output_hashes(repo: Path, lock_text: str) -> dict[str, dict[str, str]]:
             path = repo / out
             for item in sorted(path.rglob("*")) if path.is_dir() else [path]:
                 if item.is_file():
-                    files[item.relative_to(repo).as_posix()] = (
-                        checkpoint_digest(item) if item.name == "checkpoint.pt" else hashlib.md5(item.read_bytes()).hexdigest())
+                    files[item.relative_to(repo).as_posix()] = hashlib.md5(item.read_bytes()).hexdigest()
         found[stage] = files
     return found
 

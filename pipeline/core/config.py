@@ -207,6 +207,8 @@ class PretrainConfig:
     """iBOT optimisation (docs/method.md, "Loss" and "Optimisation")."""
 
     epochs: int = 4
+    # at least this many steps: a small folder trains more epochs, its epoch-valued schedules stretched alike
+    min_steps: int = 150
     batch_size: int = 128
     lr: float = 4e-3  # per 256 images; scaled linearly by batch_size
     min_lr: float = 1e-6
@@ -238,6 +240,7 @@ class PretrainConfig:
 
     def validate(self, prefix: str = "pretrain") -> None:
         _check_range(f"{prefix}.epochs", self.epochs, 1, None)
+        _check_range(f"{prefix}.min_steps", self.min_steps, 0, None)
         _check_range(f"{prefix}.batch_size", self.batch_size, 1, None)
         _check_range(f"{prefix}.lr", self.lr, 0.0, None)
         _check_range(f"{prefix}.min_lr", self.min_lr, 0.0, None)
@@ -440,7 +443,7 @@ class CompareConfig:
     seeds: tuple[int, ...] = (0, 1, 2)
     data_shares: tuple[float, ...] = (100.0,)  # % of the train set; 100 = the strategy table's runs
     data_share_strategies: tuple[str, ...] = ("block", "attmask_high")
-    budget: tuple[str, ...] = ("pretrain.epochs=3", "finetune.epochs=1", "linear.c_values=[100.0]")
+    budget: tuple[str, ...] = ("pretrain.epochs=3", "pretrain.min_steps=0", "finetune.epochs=1", "linear.c_values=[100.0]")
     knn_k: int = 20  # the k of the k-NN column (one of knn.k: checked when the comparison is planned)
 
     def validate(self, prefix: str = "compare") -> None:

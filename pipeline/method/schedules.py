@@ -18,7 +18,8 @@ warm-up steps and ``N = epochs * steps_per_epoch - W`` cosine steps:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -75,6 +76,29 @@ def teacher_temperature_schedule(warmup_temp: float, temp: float, warmup_epochs:
     warmup = np.linspace(warmup_temp, temp, warmup_epochs, dtype=np.float64)
     constant = np.full(max(epochs - warmup_epochs, 0), temp, dtype=np.float64)
     return np.concatenate([warmup, constant])[:epochs]
+
+
+def stretch_to_min_steps(config: PretrainConfig, steps_per_epoch: int) -> PretrainConfig:
+    """``config`` with enough epochs for ``config.min_steps`` steps; unchanged when ``epochs`` already gives them.
+
+    A small folder has few steps per epoch, so the same ``epochs`` would train
+    too briefly to learn (a 1,400-image folder at batch 128: 44 steps in 4
+    epochs). The epoch-valued schedules (``warmup_epochs``,
+    ``warmup_teacher_temp_epochs``, ``freeze_last_layer``) scale by the same
+    factor, rounded half up, so the run keeps its shape: 4 -> 15 epochs turns
+    a 1-epoch warm-up into 4. Checkpoint and k-NN cadences stay in epochs.
+    """
+    needed = -(-config.min_steps // steps_per_epoch)
+    if needed <= config.epochs:
+        return config
+    factor = needed / config.epochs
+
+    def scaled(epochs: int) -> int:
+        return min(needed, math.floor(epochs * factor + 0.5))
+
+    return replace(config, epochs=needed, warmup_epochs=scaled(config.warmup_epochs),
+                   warmup_teacher_temp_epochs=scaled(config.warmup_teacher_temp_epochs),
+                   freeze_last_layer=scaled(config.freeze_last_layer))
 
 
 @dataclass(frozen=True, eq=False)

@@ -14,7 +14,6 @@ replays exactly what an uninterrupted one does.
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import math
@@ -37,6 +36,7 @@ from pipeline.core.distributed import DistContext, all_reduce_sum, barrier, gath
 from pipeline.core.errors import UserError
 from pipeline.core.files import atomic_write_text, sha256_file, write_json
 from pipeline.core.seeding import configure_determinism, derive_seed, make_generator
+from pipeline.core.sources import code_files, fingerprint
 from pipeline.core.strategies import BY_NAME
 from pipeline.core.tracking import RunRecord
 from pipeline.data.augment import build_multicrop
@@ -47,9 +47,11 @@ from pipeline.method.checkpoint import CheckpointError, load_checkpoint, save_ch
 from pipeline.method.loss import IBOTLoss, koleo_loss
 from pipeline.method.masking import generate_masks
 from pipeline.method.model import IBOTNetwork, backbone_state_dict, build_network
-from pipeline.method.schedules import TrainingSchedules
+from pipeline.method.schedules import TrainingSchedules, stretch_to_min_steps
 
-CHECKPOINT_FORMAT = 2  # 2: the run identity (auto resume) is stored
+CHECKPOINT_FORMAT = 3  # 2: the run identity (auto resume) is stored; 3: and the k-NN curve
+# the stage whose deps the run identity's code fingerprint covers (pipeline.core.sources)
+PRETRAIN_MODULE = "stages.pretrain"
 # pretrain keys that never change what the stage writes (config.NOT_OUTPUT_KEYS): left out of a
 # checkpoint's run identity, so changing one does not block a resume.
 NOT_COMPUTATION_KEYS = NOT_OUTPUT_KEYS["pretrain"]
@@ -185,6 +187,11 @@ class Pretrainer:
                 "pretrain.batch_size",
                 f"{self.config.batch_size} is larger than the train split ({len(self.split)} images)",
             )
+        self.config = stretch_to_min_steps(params.pretrain, self.steps_per_epoch)
+        if self.config.epochs != params.pretrain.epochs and context.is_main:
+            tqdm.write(f"pretrain: {len(self.split)} train images give {self.steps_per_epoch} steps per epoch; "
+                       f"{params.pretrain.epochs} epochs raised to {self.config.epochs} to reach pretrain.min_steps="
+                       f"{self.config.min_steps} (warm-ups and freeze_last_layer stretched alike)")
         self.augmentation = build_multicrop(params.augment)
         self.patch_size = params.patch_size()
         self.uses_attention = BY_NAME[params.masking.strategy].needs_attention
@@ -240,6 +247,8 @@ class Pretrainer:
             "optimizer": self.optimizer.state_dict(),
             "loss": self.loss.state_dict(),
             "history": torch.tensor(self.progress.history, dtype=torch.float64).reshape(-1, len(STEP_COLUMNS)),
+            # in the checkpoint, so every resume (a crash, `dvc repro --force`) keeps the curve of the epochs done
+            "knn": torch.tensor(self.knn_history, dtype=torch.float64).reshape(-1, len(KNN_COLUMNS)),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -254,6 +263,7 @@ class Pretrainer:
             # matching params but other tensors: a hand-edited or foreign file; torch's message names no file
             raise CheckpointError(f"{self.paths.checkpoint}: does not fit this model ({error})") from error
         self.progress = Progress(int(state["epoch"]), int(state["step"]), state["history"].tolist())
+        self.knn_history = [[int(epoch), int(step), float(top1)] for epoch, step, top1 in state["knn"].tolist()]
 
     # ------------------------------------------------------------ evaluation
     def evaluate_knn(self) -> float | None:
@@ -296,41 +306,9 @@ class Pretrainer:
         self.record.log_scalar(f"knn_top1_k{self.config.eval_k}", top1, step)
         tqdm.write(f"pretrain: epoch {epoch_done}: teacher k-NN@{self.config.eval_k} on val {top1:.1f}%")
 
-    def _load_knn_history(self) -> None:
-        """Evaluations of the epochs already done (a resumed run keeps its curve)."""
-        path = self.paths.reports / "knn.csv"
-        self.knn_history = []
-        if self.progress.epoch == 0 or not path.is_file():
-            return
-        for line in path.read_text().splitlines()[1:]:
-            epoch, step, top1 = line.split(",")
-            if int(epoch) <= self.progress.epoch:
-                self.knn_history.append([int(epoch), int(step), float(top1)])
-
     def save(self) -> None:
         if self.context.is_main:
             save_checkpoint(self.state_dict(), self.paths.checkpoint)
-            # beside the checkpoint, not in it: the weights (and the checkpoint's bytes) do not depend on it
-            write_json(self._evaluation_settings(), self._evaluation_file)
-
-    @property
-    def _evaluation_file(self) -> Path:
-        return self.paths.checkpoint.with_suffix(".eval.json")
-
-    def _evaluation_settings(self) -> dict[str, int]:
-        return {"eval_every": self.config.eval_every, "eval_k": self.config.eval_k}
-
-    def _evaluation_difference(self) -> str | None:
-        """Why the k-NN curve of the epochs already done cannot be continued (None when it can)."""
-        try:
-            saved = json.loads(self._evaluation_file.read_text())
-        except (OSError, ValueError):
-            return f"{self._evaluation_file.name} is missing: the k-NN curve of the epochs done is unknown"
-        current = self._evaluation_settings()
-        for key in current:
-            if saved.get(key) != current[key]:
-                return f"pretrain.{key}: {saved.get(key)!r} there, {current[key]!r} here"
-        return None
 
     def maybe_resume(self) -> bool:
         """Continue from ``checkpoint.pt`` when it comes from this same run (``pretrain.resume: auto``).
@@ -345,15 +323,11 @@ class Pretrainer:
             return False
         state = load_checkpoint(path, map_location=self.device)
         difference = first_difference(state.get("identity"), self.identity)
-        if difference is None and int(state.get("epoch", 0)) > 0:
-            difference = self._evaluation_difference()
         if self.context.enabled:
             barrier(self.context)  # every rank has read it before rank 0 moves it
         if difference is not None:
             if self.context.is_main:
-                for file in (path, self._evaluation_file):
-                    if file.is_file():
-                        os.replace(file, file.with_name(file.name + ".set-aside"))
+                os.replace(path, path.with_name(path.name + ".set-aside"))
                 tqdm.write(f"pretrain: {path} is from another run ({difference}); moved to {path.name}.set-aside, "
                            "starting from scratch")
             return False
@@ -455,7 +429,6 @@ class Pretrainer:
     def fit(self) -> dict[str, Any]:
         """Train to ``pretrain.epochs``, writing checkpoints, exports and records."""
         resumed = self.maybe_resume()
-        self._load_knn_history()
         if self.config.eval_every and self.context.is_main:
             self.paths.reports.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
@@ -497,10 +470,11 @@ class Pretrainer:
                 self.progress.epoch += 1
                 self.progress.step = 0
                 done = self.progress.epoch
+                self._log_epoch(epoch)
+                # before the save, so the checkpoint of an epoch holds that epoch's k-NN point
+                self._maybe_evaluate(done)
                 if done % self.config.checkpoint_every == 0 or done == self.config.epochs:
                     self.save()
-                self._log_epoch(epoch)
-                self._maybe_evaluate(done)
         finally:
             bar.close()
             self._restore_signal_handlers()
@@ -590,15 +564,13 @@ def run_identity(params: Params, shards: Path) -> dict[str, str]:
     """What a checkpoint must share with this run to be resumed automatically.
 
     ``params``: every params key the stage's outputs depend on (dvc.yaml lists
-    the same keys), as canonical JSON; ``code``: SHA-256 of the library's and the
-    stage's sources; ``data``: SHA-256 of the shard manifest (which holds every
-    shard's hash); ``torch``: its version.
+    the same keys), as canonical JSON; ``code``: :func:`code_fingerprint`;
+    ``data``: SHA-256 of the shard manifest (which holds every shard's hash);
+    ``torch``: its version (pinned by requirements.lock).
     """
     values = {k: v for k, v in params_to_dict(params).items() if k in PRETRAIN_SECTIONS}
-    # eval_every / eval_k shape only the k-NN curve: checked beside the checkpoint (``checkpoint.eval.json``), so the
-    # checkpoint's bytes stay the same with the curve on or off
-    values["pretrain"] = {k: v for k, v in values["pretrain"].items()
-                          if k not in NOT_COMPUTATION_KEYS | {"eval_every", "eval_k"}}
+    # eval_every / eval_k stay in: the checkpoint holds the k-NN curve they shape (the weights do not depend on them)
+    values["pretrain"] = {k: v for k, v in values["pretrain"].items() if k not in NOT_COMPUTATION_KEYS}
     values["data"] = {k: v for k, v in values["data"].items() if k not in NOT_OUTPUT_KEYS["data"]}
     manifest = Path(shards) / MANIFEST_NAME
     return {
@@ -610,14 +582,13 @@ def run_identity(params: Params, shards: Path) -> dict[str, str]:
 
 
 def code_fingerprint() -> str:
-    """SHA-256 over the library's sources and the pretrain stage script (path and bytes, sorted)."""
-    package = Path(__file__).resolve().parents[1]
-    files = sorted(package.rglob("*.py"))
-    files += [f for f in (package.parent / "stages" / "__init__.py", package.parent / "stages" / "pretrain.py") if f.is_file()]
-    digest = hashlib.sha256()
-    for file in files:
-        digest.update(file.relative_to(package.parent).as_posix().encode() + b"\0" + file.read_bytes() + b"\0")
-    return digest.hexdigest()
+    """SHA-256 over exactly the code the pretrain stage runs: the files that are its dvc.yaml code deps.
+
+    A wider hash (say, every ``pipeline/**/*.py``) would change the checkpoint's
+    bytes on an edit DVC does not see, and the committed dvc.lock would no longer
+    reproduce; ``tests/test_dvc_deps.py`` checks this same list against dvc.yaml.
+    """
+    return fingerprint(code_files(PRETRAIN_MODULE))
 
 
 def first_difference(saved: dict[str, str] | None, current: dict[str, str]) -> str | None:

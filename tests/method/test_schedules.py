@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 
 from pipeline.core.config import PretrainConfig
-from pipeline.method.schedules import TrainingSchedules, cosine_schedule, teacher_temperature_schedule
+import torch
+
+from pipeline.method.schedules import TrainingSchedules, cosine_schedule, stretch_to_min_steps, teacher_temperature_schedule
 
 
 def test_cosine_without_warmup_hits_both_endpoints_exactly():
@@ -98,3 +100,39 @@ def test_lr_scales_linearly_with_global_batch():
     np.testing.assert_allclose(large.lr, 4 * small.lr, rtol=1e-15)
     with pytest.raises(ValueError):
         TrainingSchedules.from_config(config, steps_per_epoch=3, batch_size_total=0)
+
+
+def test_min_steps_leaves_a_budget_that_already_reaches_it_alone():
+    config = PretrainConfig(epochs=4, min_steps=150)
+    assert stretch_to_min_steps(config, steps_per_epoch=39) is config  # the embedded default: 156 steps
+
+
+def test_min_steps_raises_the_epochs_and_stretches_the_epoch_valued_schedules():
+    config = PretrainConfig(epochs=4, min_steps=150, warmup_epochs=1, warmup_teacher_temp_epochs=3, freeze_last_layer=1)
+    stretched = stretch_to_min_steps(config, steps_per_epoch=10)
+    assert stretched.epochs == 15  # ceil(150 / 10)
+    # x 15/4, rounded half up
+    assert (stretched.warmup_epochs, stretched.warmup_teacher_temp_epochs, stretched.freeze_last_layer) == (4, 11, 4)
+    assert (stretched.eval_every, stretched.checkpoint_every) == (config.eval_every, config.checkpoint_every)
+    assert stretch_to_min_steps(PretrainConfig(epochs=4, min_steps=0), steps_per_epoch=1).epochs == 4
+
+
+def test_a_1400_image_folder_trains_at_least_min_steps(tmp_path):
+    """1,400 train images at batch 128: 10 steps per epoch, so the default 4 epochs would be 40 steps."""
+    from pipeline.core.config import params_from_dict
+    from pipeline.core.distributed import DistContext
+    from pipeline.data.shard_writer import build_shards
+    from pipeline.method.training import PretrainPaths, Pretrainer
+    from tests.conftest import tiny_params_dict, write_tiny_folder
+
+    folder = write_tiny_folder(tmp_path / "folder", classes=10, train=140, val=1, size=8)
+    params = params_from_dict(tiny_params_dict(folder, data={"shard_size": 1000},
+                                               pretrain={"epochs": 4, "min_steps": 150, "batch_size": 128}))
+    build_shards(params.data, params.seed, tmp_path / "shards", workers=1, progress=False)
+    trainer = Pretrainer(params, PretrainPaths.under(tmp_path / "shards", tmp_path / "models", tmp_path / "reports"),
+                         torch.device("cpu"), DistContext(), progress_bar=False)
+    try:
+        assert trainer.steps_per_epoch == 10 and trainer.config.epochs == 15
+        assert trainer.schedules.lr.shape == (150,) and trainer.schedules.teacher_temp.shape == (15,)
+    finally:
+        trainer.split.close()

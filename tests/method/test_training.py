@@ -273,11 +273,16 @@ def test_ddp_two_cpu_processes_match_one_process_on_the_first_step(tiny_folder, 
     assert first_step_loss(ddp) == pytest.approx(first_step_loss(single), rel=1e-5)
 
 
-def test_knn_during_training_leaves_the_checkpoint_unchanged(tiny_folder, tiny_shards, tmp_path):
+def test_knn_during_training_leaves_the_weights_unchanged_and_is_kept_in_the_checkpoint(tiny_folder, tiny_shards, tmp_path):
     _, plain, _ = run(tiny_folder, tiny_shards, tmp_path / "a")
     _, watched, summary = run(tiny_folder, tiny_shards, tmp_path / "b", pretrain={"eval_every": 1})
-    for name in ("checkpoint", "backbone_pth", "backbone_safetensors"):
+    for name in ("backbone_pth", "backbone_safetensors"):
         assert getattr(plain, name).read_bytes() == getattr(watched, name).read_bytes(), name
+    without, with_curve = torch.load(plain.checkpoint, weights_only=False), torch.load(watched.checkpoint, weights_only=False)
+    for part in ("student", "teacher", "loss"):
+        assert all(torch.equal(without[part][k], with_curve[part][k]) for k in without[part]), part
+    assert without["knn"].shape == (0, 3)
+    assert with_curve["knn"].tolist() == [list(map(float, row)) for row in summary["knn_during_training"]]
     rows = list(csv.DictReader((watched.reports / "knn.csv").open()))
     assert [int(r["epoch"]) for r in rows] == [1, 2]
     assert all(0.0 <= float(r["knn_top1"]) <= 100.0 for r in rows)
