@@ -38,9 +38,13 @@ bench: $(STAMP)
 	$(PY) -m bench
 
 # a smoke run of every benchmark on small sizes (figures not for quoting)
-.PHONY: bench-quick bench-gpu-deps
+.PHONY: bench-quick bench-gpu-deps bench-real
 bench-quick: $(STAMP)
 	$(PY) -m bench --quick
+
+# the default pipeline on real photos (Fashion-MNIST, apt package dataset-fashion-mnist) at two folder sizes
+bench-real: $(STAMP)
+	$(PY) -m bench.real_data
 
 # packages the GPU machine lacks, for the device call's carry (README, Benchmarks)
 bench-gpu-deps: $(STAMP)
