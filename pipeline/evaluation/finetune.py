@@ -10,7 +10,9 @@ the data order, the augmentations and the drop-path draws are identical.
   **shape)`` (any crop size divisible by the patch), the backbone loaded with
   every key checked: exactly the head's keys may be missing, nothing may be
   unexpected. The head is re-initialised ``trunc_normal(std=HEAD_INIT_STD)``,
-  bias zero, from its own seed.
+  bias zero, from its own seed. Its position embedding is
+  :func:`pipeline.method.pos_embed.pos_embed` (timm's forward bytes, a
+  backward that is deterministic on CUDA too).
 * **Optimisation.** AdamW with timm's layer-wise lr decay
   (``timm.optim.create_optimizer_v2(..., layer_decay=...)``: lr scale
   ``layer_decay ** (depth + 1 - layer)`` with the embeddings layer 0, block i
@@ -64,6 +66,7 @@ from pipeline.data.augment import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from pipeline.data.shard_reader import ShardDataset, ShardSplit, open_split
 from pipeline.data.shard_writer import write_shards
 from pipeline.method.backbone_export import load_backbone_state, random_backbone_state, save_backbone_safetensors
+from pipeline.method.pos_embed import use_deterministic_pos_embed
 from pipeline.method.schedules import cosine_schedule
 
 __all__ = [
@@ -142,7 +145,7 @@ def build_finetune_model(
     drop_path_rate: float,
     seed: int,
 ) -> VisionTransformer:
-    """The timm classifier with the backbone loaded and a fresh, seeded linear head."""
+    """The timm classifier with the backbone loaded, a fresh seeded linear head and the deterministic pos embed."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(seed, "finetune", "model"))
         model = timm.create_model(
@@ -154,6 +157,8 @@ def build_finetune_model(
             **model_config.timm_shape(),
         )
         load_backbone_into(model, backbone_state)
+        # crops whose grid differs from img_size's resize pos_embed: timm's resize has no deterministic CUDA backward
+        use_deterministic_pos_embed(model)
         torch.manual_seed(derive_seed(seed, "finetune", "head"))
         head = model.get_classifier()
         nn.init.trunc_normal_(head.weight, std=HEAD_INIT_STD)

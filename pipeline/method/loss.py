@@ -25,6 +25,11 @@ Options beside the paper's recipe (README, "Why the embedded default learns"):
   updated (they are state), but not used.
 * :func:`koleo_loss` (DINOv2's KoLeo spreading term) is computed by the
   training loop on the student's [CLS] backbone features.
+
+Precision: everything here computes in float32 with autocast off (inputs cast
+with ``.float()``), whatever the caller's autocast: softmax at temperature 0.04,
+the centres, the Sinkhorn-Knopp sums and KoLeo's nearest-neighbour matrix
+product would lose most of their mantissa in bf16. Without autocast no bit changes.
 """
 from __future__ import annotations
 
@@ -36,6 +41,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 CENTERINGS = ("ema", "sinkhorn")
+
+
+def _autocast_off(tensor: Tensor) -> torch.autocast:
+    """Autocast disabled on ``tensor``'s device: what runs inside stays float32."""
+    return torch.autocast(device_type=tensor.device.type, enabled=False)
 
 
 class IBOTLoss(nn.Module):
@@ -125,42 +135,44 @@ class IBOTLoss(nn.Module):
         self._check_shapes(student_cls, student_patch, teacher_cls, teacher_patch, student_masks, batch)
         temp = self.teacher_temp(epoch)
 
-        # float32 throughout: softmax of bf16 logits at temperature 0.04 loses most of its mantissa
-        with torch.no_grad():
-            t_cls, t_patch = self.teacher_targets(teacher_cls, teacher_patch, temp)
-        s_cls = F.log_softmax(student_cls.float() / self.student_temp, dim=-1)
-        s_patch = F.log_softmax(student_patch.float() / self.student_temp, dim=-1)
+        # float32 throughout, autocast off: softmax of bf16 logits at temperature 0.04 loses most of its mantissa
+        with _autocast_off(student_cls):
+            with torch.no_grad():
+                t_cls, t_patch = self.teacher_targets(teacher_cls, teacher_patch, temp)
+            s_cls = F.log_softmax(student_cls.float() / self.student_temp, dim=-1)
+            s_patch = F.log_softmax(student_patch.float() / self.student_temp, dim=-1)
 
-        # [CLS]: every teacher global q against every student crop v != q. Element-wise
-        # products (not einsum) so autocast cannot push the contraction into bf16.
-        s_cls = s_cls.view(n_crops, batch, -1)
-        t_cls = t_cls.view(n_global, batch, -1)
-        cls_loss = s_cls.new_zeros(())
-        for q in range(n_global):
-            per_view = -(t_cls[q].unsqueeze(0) * s_cls).sum(dim=-1).mean(dim=1)  # (n_crops,)
-            cls_loss = cls_loss + torch.cat([per_view[:q], per_view[q + 1 :]]).sum()
-        cls_loss = cls_loss / self.num_cls_pairs
+            # [CLS]: every teacher global q against every student crop v != q. Element-wise
+            # products (not einsum) so autocast cannot push the contraction into bf16.
+            s_cls = s_cls.view(n_crops, batch, -1)
+            t_cls = t_cls.view(n_global, batch, -1)
+            cls_loss = s_cls.new_zeros(())
+            for q in range(n_global):
+                per_view = -(t_cls[q].unsqueeze(0) * s_cls).sum(dim=-1).mean(dim=1)  # (n_crops,)
+                cls_loss = cls_loss + torch.cat([per_view[:q], per_view[q + 1 :]]).sum()
+            cls_loss = cls_loss / self.num_cls_pairs
 
-        # patches: v == q only; mean cross-entropy over the masked tokens of each image
-        per_token = -(t_patch * s_patch).sum(dim=-1)  # (G * B, P)
-        mask = student_masks.flatten(1).to(per_token.dtype)
-        per_image = (per_token * mask).sum(dim=-1) / mask.sum(dim=-1).clamp(min=1.0)
-        patch_loss = per_image.view(n_global, batch).mean(dim=1).sum() / n_global
+            # patches: v == q only; mean cross-entropy over the masked tokens of each image
+            per_token = -(t_patch * s_patch).sum(dim=-1)  # (G * B, P)
+            mask = student_masks.flatten(1).to(per_token.dtype)
+            per_image = (per_token * mask).sum(dim=-1) / mask.sum(dim=-1).clamp(min=1.0)
+            patch_loss = per_image.view(n_global, batch).mean(dim=1).sum() / n_global
 
-        total = self.lambda1 * cls_loss + self.lambda2 * patch_loss
-        return {"cls": cls_loss, "patch": patch_loss, "total": total}
+            total = self.lambda1 * cls_loss + self.lambda2 * patch_loss
+            return {"cls": cls_loss, "patch": patch_loss, "total": total}
 
     @torch.no_grad()
     def teacher_targets(self, teacher_cls: Tensor, teacher_patch: Tensor, temp: float) -> tuple[Tensor, Tensor]:
         """Teacher probabilities: ``(G * B, K)`` for [CLS] and ``(G * B, P, K)`` for patches."""
-        teacher_cls, teacher_patch = teacher_cls.detach().float(), teacher_patch.detach().float()
-        if self.centering == "sinkhorn":
-            t_cls = sinkhorn_knopp(teacher_cls, temp, self.sinkhorn_iterations)
-            t_patch = sinkhorn_knopp(teacher_patch.flatten(0, 1), temp, self.sinkhorn_iterations)
-            return t_cls, t_patch.view_as(teacher_patch)
-        t_cls = F.softmax((teacher_cls - self.center) / temp, dim=-1)
-        t_patch = F.softmax((teacher_patch - self.center_patch) / temp, dim=-1)
-        return t_cls, t_patch
+        with _autocast_off(teacher_cls):
+            teacher_cls, teacher_patch = teacher_cls.detach().float(), teacher_patch.detach().float()
+            if self.centering == "sinkhorn":
+                t_cls = sinkhorn_knopp(teacher_cls, temp, self.sinkhorn_iterations)
+                t_patch = sinkhorn_knopp(teacher_patch.flatten(0, 1), temp, self.sinkhorn_iterations)
+                return t_cls, t_patch.view_as(teacher_patch)
+            t_cls = F.softmax((teacher_cls - self.center) / temp, dim=-1)
+            t_patch = F.softmax((teacher_patch - self.center_patch) / temp, dim=-1)
+            return t_cls, t_patch
 
     @torch.no_grad()
     def update_center(self, teacher_cls: Tensor, teacher_patch: Tensor) -> None:
@@ -172,9 +184,10 @@ class IBOTLoss(nn.Module):
         Under torch.distributed the per-rank sums are all-reduced (one collective)
         and divided by ``rows * world_size``, so every rank holds the same centre.
         """
-        cls_sum = teacher_cls.detach().float().sum(dim=0)  # (K,)
-        patch_sum = teacher_patch.detach().float().mean(dim=1).sum(dim=0)  # (K,)
-        sums = torch.stack([cls_sum, patch_sum])  # (2, K)
+        with _autocast_off(teacher_cls):
+            cls_sum = teacher_cls.detach().float().sum(dim=0)  # (K,)
+            patch_sum = teacher_patch.detach().float().mean(dim=1).sum(dim=0)  # (K,)
+            sums = torch.stack([cls_sum, patch_sum])  # (2, K)
         rows = teacher_cls.shape[0]
         world_size = 1
         if dist.is_available() and dist.is_initialized():
@@ -220,26 +233,27 @@ def sinkhorn_knopp(logits: Tensor, temp: float, iterations: int = 3) -> Tensor:
     torch.distributed the column sums are all-reduced, so the balance holds over
     the global batch. Returns ``(N, K)`` float32.
     """
-    distributed = dist.is_available() and dist.is_initialized()
-    world = dist.get_world_size() if distributed else 1
-    # shift by the global max before exp: identical maths, no overflow at temperature 0.04
-    logits = logits.float()
-    shift = logits.max()
-    if distributed:
-        dist.all_reduce(shift, op=dist.ReduceOp.MAX)
-    q = torch.exp((logits - shift) / temp).t()  # (K, N)
-    rows, columns = q.shape[0], q.shape[1] * world
-    total = q.sum()
-    if distributed:
-        dist.all_reduce(total)
-    q = q / total
-    for _ in range(iterations):
-        per_prototype = q.sum(dim=1, keepdim=True)
+    with _autocast_off(logits):
+        distributed = dist.is_available() and dist.is_initialized()
+        world = dist.get_world_size() if distributed else 1
+        # shift by the global max before exp: identical maths, no overflow at temperature 0.04
+        logits = logits.float()
+        shift = logits.max()
         if distributed:
-            dist.all_reduce(per_prototype)
-        q = q / per_prototype / rows
-        q = q / q.sum(dim=0, keepdim=True) / columns
-    return (q * columns).t()
+            dist.all_reduce(shift, op=dist.ReduceOp.MAX)
+        q = torch.exp((logits - shift) / temp).t()  # (K, N)
+        rows, columns = q.shape[0], q.shape[1] * world
+        total = q.sum()
+        if distributed:
+            dist.all_reduce(total)
+        q = q / total
+        for _ in range(iterations):
+            per_prototype = q.sum(dim=1, keepdim=True)
+            if distributed:
+                dist.all_reduce(per_prototype)
+            q = q / per_prototype / rows
+            q = q / q.sum(dim=0, keepdim=True) / columns
+        return (q * columns).t()
 
 
 def koleo_loss(features: Tensor, eps: float = 1e-8) -> Tensor:
@@ -251,10 +265,11 @@ def koleo_loss(features: Tensor, eps: float = 1e-8) -> Tensor:
     Returns:
         a float32 scalar; lower when the rows spread over the sphere.
     """
-    x = F.normalize(features.float(), dim=-1, eps=eps)
-    with torch.no_grad():
-        similarity = x @ x.t()
-        similarity.fill_diagonal_(-2.0)  # never one's own neighbour
-        nearest = similarity.argmax(dim=1)
-    distance = F.pairwise_distance(x, x[nearest], p=2, eps=eps)
-    return -torch.log(distance + eps).mean()
+    with _autocast_off(features):
+        x = F.normalize(features.float(), dim=-1, eps=eps)
+        with torch.no_grad():
+            similarity = x @ x.t()
+            similarity.fill_diagonal_(-2.0)  # never one's own neighbour
+            nearest = similarity.argmax(dim=1)
+        distance = F.pairwise_distance(x, x[nearest], p=2, eps=eps)
+        return -torch.log(distance + eps).mean()

@@ -1,9 +1,11 @@
 """The networks: a timm ViT with a mask token, the iBOT head, and the backbone export.
 
 Everything is built by composition around timm's ``VisionTransformer``: we call
-its own submodules (``patch_embed``, ``_pos_embed``, ``patch_drop``, ``norm_pre``,
-``blocks``, ``norm``) in the order ``forward_features`` does, and insert only
-the two things iBOT/AttMask need:
+its own submodules (``patch_embed``, ``patch_drop``, ``norm_pre``, ``blocks``,
+``norm``) in the order ``forward_features`` does, with timm's ``_pos_embed``
+replaced by :func:`pipeline.method.pos_embed.pos_embed` (same forward bytes, a
+backward that is deterministic on CUDA), and insert only the two things
+iBOT/AttMask need:
 
 * masked patch embeddings are replaced by a learnable mask token *before* the
   position embedding is added (so the student still knows where the hole is);
@@ -14,10 +16,10 @@ timm attributes relied on (checked at construction, see ``_check_vit``):
 * ``vit.patch_embed`` returns NHWC ``(B, h, w, D)`` when the model was created
   with ``dynamic_img_size=True`` (``(B, P, D)`` otherwise);
   ``vit.patch_embed.patch_size``.
-* ``vit._pos_embed(x)`` prepends [CLS] (then register tokens) and adds the
-  position embedding, resampled to the crop's grid with timm's
-  ``resample_abs_pos_embed`` when ``dynamic_img_size`` is set.
-* ``vit.num_prefix_tokens``, ``vit.cls_token``, ``vit.grad_checkpointing``.
+* what ``vit._pos_embed`` reads (see :mod:`pipeline.method.pos_embed`):
+  ``cls_token``, ``reg_token``, ``pos_embed``, ``no_embed_class``,
+  ``dynamic_img_size``, ``patch_embed.grid_size``, ``pos_drop``.
+* ``vit.num_prefix_tokens``, ``vit.grad_checkpointing``.
 * last block's ``attn`` is timm's ``Attention``: ``qkv`` (Linear D -> 3*heads*head_dim,
   output laid out as ``(3, heads, head_dim)``), ``num_heads``, ``head_dim``,
   ``scale``, ``q_norm``, ``k_norm``, ``fused_attn``.
@@ -33,6 +35,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from pipeline.core.config import ModelConfig
+from pipeline.method.pos_embed import pos_embed
 
 __all__ = [
     "build_vit",
@@ -92,6 +95,12 @@ class MaskedViT(nn.Module):
         self.vit = vit
         # Zeros, as iBOT's `masked_embed`; shape (1, 1, D) broadcasts over NHWC and NLC.
         self.mask_token = nn.Parameter(torch.zeros(1, 1, vit.embed_dim))
+        # One hook for the module's lifetime, live only while `_capture_qkv` is True: registering one per
+        # call is a torch.compile graph break (Dynamo cannot build the RemovableHandle) on every attention forward.
+        self._capture_qkv = False
+        self._captured_qkv: Tensor | None = None
+        # a bound method, not a closure: deepcopy (a teacher copied from a student) rebinds it to the copy
+        vit.blocks[-1].attn.qkv.register_forward_hook(self._qkv_hook)
 
     @property
     def num_prefix_tokens(self) -> int:
@@ -134,7 +143,7 @@ class MaskedViT(nn.Module):
         x = vit.patch_embed(images)  # (B, h, w, D) with dynamic_img_size, else (B, P, D)
         if mask is not None:
             x = self._apply_mask(x, mask, h, w)
-        x = vit._pos_embed(x)  # timm's own prefix-token concat + resampled pos embed
+        x = pos_embed(vit, x)  # timm's prefix-token concat + resampled pos embed, deterministic backward
         x = vit.patch_drop(x)
         x = vit.norm_pre(x)
 
@@ -145,16 +154,23 @@ class MaskedViT(nn.Module):
         # The fused SDPA kernel never materialises attention weights, so capture
         # the last block's qkv projection (computed anyway) and rebuild only the
         # [CLS] row: (B, heads, 1, N) instead of (B, heads, N, N).
-        captured: list[Tensor] = []
-        handle = vit.blocks[-1].attn.qkv.register_forward_hook(lambda _m, _i, out: captured.append(out))
+        self._capture_qkv = True
         try:
             x = self._blocks(x)
         finally:
-            handle.remove()
+            # off before backward: grad checkpointing's recomputation must not overwrite the capture
+            self._capture_qkv = False
+        qkv, self._captured_qkv = self._captured_qkv, None  # no reference kept past this forward
+        if qkv is None:
+            raise RuntimeError("the last block's qkv projection did not run; cannot read the [CLS] attention")
         x = vit.norm(x)
-        # Grad checkpointing may run the hook more than once; the last call is this forward's.
-        attention = self._cls_attention(captured[-1])
+        attention = self._cls_attention(qkv)
         return x, attention
+
+    def _qkv_hook(self, _module: nn.Module, _inputs: tuple[Tensor, ...], output: Tensor) -> None:
+        """Forward hook of the last block's ``attn.qkv``: keeps ``(B, N, 3 * heads * head_dim)`` when asked."""
+        if self._capture_qkv:
+            self._captured_qkv = output
 
     def _apply_mask(self, x: Tensor, mask: Tensor, h: int, w: int) -> Tensor:
         if mask.dtype != torch.bool:
@@ -234,7 +250,7 @@ class IBOTHead(nn.Module):
 
         Returns:
             ``cls_out`` ``(B, out_dim)`` and ``patch_out`` ``(B, P, out_dim)``
-            (None when ``with_patches`` is False).
+            (None when ``with_patches`` is False), float32 even under autocast.
         """
         if tokens.dim() == 2:
             tokens = tokens.unsqueeze(1)
@@ -245,12 +261,16 @@ class IBOTHead(nn.Module):
                 tokens = torch.cat([tokens[:, :1], tokens[:, self.num_prefix_tokens:]], dim=1)
         else:
             tokens = tokens[:, :1]
-        z = F.normalize(self.mlp(tokens), dim=-1)
-        cls_out = self.last_layer(z[:, 0])
-        if not with_patches:
-            return cls_out, None
-        patch_layer = self.last_layer if self.last_layer_patch is None else self.last_layer_patch
-        return cls_out, patch_layer(z[:, 1:])
+        z = self.mlp(tokens)
+        # float32 from the L2 norm on, autocast off: these logits are divided by temperatures of
+        # 0.04-0.1 and softmaxed, and bf16's 8-bit mantissa would blur the targets. No-op without autocast.
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            z = F.normalize(z.float(), dim=-1)
+            cls_out = self.last_layer(z[:, 0])
+            if not with_patches:
+                return cls_out, None
+            patch_layer = self.last_layer if self.last_layer_patch is None else self.last_layer_patch
+            return cls_out, patch_layer(z[:, 1:])
 
 
 def _init_linear(module: nn.Module) -> None:

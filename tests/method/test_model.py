@@ -85,7 +85,23 @@ def test_cls_attention_equals_explicit_matrix_row(kwargs, size, monkeypatch):
     # The fused kernel ran in every block (3 forwards of depth 2 above) and is still on.
     assert len(calls) == 3 * 2
     assert all(block.attn.fused_attn for block in model.vit.blocks)
-    assert not model.vit.blocks[-1].attn.qkv._forward_hooks  # hook removed after use
+    # one hook for the model's lifetime (registered at construction), holding nothing between forwards
+    assert len(model.vit.blocks[-1].attn.qkv._forward_hooks) == 1
+    assert model._captured_qkv is None and not model._capture_qkv
+
+
+def test_cls_attention_of_a_deepcopy_is_its_own():
+    model = _masked_vit()
+    teacher = copy.deepcopy(model)  # as a teacher copied from the student
+    with torch.no_grad():
+        for parameter in teacher.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+        _, own = teacher(_images(2), return_cls_attention=True)
+        reference = _explicit_cls_attention(teacher, _images(2))
+        _, student = model(_images(2), return_cls_attention=True)
+    torch.testing.assert_close(own, reference, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(own, student)
+    assert model._captured_qkv is None and teacher._captured_qkv is None
 
 
 def test_cls_attention_is_off_by_default():
