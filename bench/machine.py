@@ -1,4 +1,5 @@
-"""Where a benchmark ran (CPU, GPU, versions) and what that device can do at best (peak FLOP/s)."""
+"""Where a benchmark ran (CPU, GPU, versions, and the provenance of its numbers) and what that device can do at
+best (peak FLOP/s)."""
 from __future__ import annotations
 
 import os
@@ -11,6 +12,7 @@ from typing import Any
 import torch
 
 from pipeline.core.tracking import cpu_model
+from pipeline.reporting import provenance
 from bench.stats import summarize
 
 PACKAGES = ("torch", "torchvision", "timm", "webdataset", "numpy", "pillow", "scikit-learn")
@@ -60,7 +62,13 @@ def _importable(module: str) -> bool:
 
 
 def machine_info() -> dict[str, Any]:
-    """CPU model, logical/usable CPUs, torch threads, memory, GPU (name, memory, count) and versions."""
+    """CPU model, logical/usable CPUs, torch threads, memory, GPU (name, memory, count), versions and provenance.
+
+    ``provenance``: :func:`pipeline.reporting.provenance.record` over the benchmark
+    code and the pipeline inputs, taken when the benchmark runs, so that bench.md
+    (and the README's freshness line) can later say which commit and machine a
+    figure came from and whether its code has changed since.
+    """
     memory_gib = None
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -77,6 +85,8 @@ def machine_info() -> dict[str, Any]:
         "platform": platform.platform(),
         "gpu": None,
         "packages": package_versions(),
+        "provenance": provenance.record(inputs=provenance.BENCH_INPUTS, params_sha=provenance.params_sha_of(),
+                                        threads=torch.get_num_threads()),
     }
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)

@@ -4,6 +4,9 @@
 
 Every figure is read from a JSON file and printed with the machine it came
 from; a figure no benchmark has produced yet is printed as owed, never guessed.
+Each data file's provenance (recorded when its benchmark ran, :func:`bench.machine.machine_info`)
+is listed first and collected into reports/bench/provenance.json, from which
+reports/README.md judges bench.md current or stale; re-rendering records nothing.
 """
 from __future__ import annotations
 
@@ -15,11 +18,14 @@ from typing import Any
 from bench import estimate
 from bench.learning_curve import crossing
 from bench.stats import format_summary
+from pipeline.core.files import write_json
+from pipeline.reporting import provenance
 from pipeline.reporting.compare import Stat
 
 BENCH_DIR = Path("reports/bench")
 TIMING_DIR = Path("reports/timing")
 OUTPUT = Path("reports/bench.md")
+PROVENANCE = BENCH_DIR / "provenance.json"
 FILES = ("run", "pretrain_step", "data", "knn", "linear_sgd", "learning_curve", "learning_curve_long", "strategy_budget", "feature_attributes", "masking", "numerics", "gpu_correctness", "gpu_step", "gpu_batch", "gpu_data", "knn_cuda",
          "gpu_compile")
 # make repro's stages, in pipeline order (a stage without a timing file is listed as not measured yet)
@@ -45,6 +51,46 @@ def load_results(bench_dir: Path = BENCH_DIR, timing_dir: Path = TIMING_DIR) -> 
     return results
 
 
+# --------------------------------------------------------------- provenance
+def source_record(result: dict[str, Any]) -> dict[str, Any] | None:
+    """The provenance a data file recorded when its benchmark ran (None: before provenance was recorded)."""
+    machine = result.get("machine")
+    return result.get("provenance") or (machine.get("provenance") if isinstance(machine, dict) else None)
+
+
+def provenance_document(results: dict[str, Any]) -> dict[str, Any]:
+    """``reports/bench/provenance.json``: each rendered data file's record (run.json holds no figures)."""
+    sources = {f"{name}.json": source_record(results[name]) for name in FILES
+               if name != "run" and results.get(name) is not None}
+    return {"provenance": {"format": provenance.RECORD_FORMAT, "sources": sources}}
+
+
+def _machine_cell(result: dict[str, Any], record: dict[str, Any] | None) -> str:
+    if record is not None:
+        return provenance.describe(record)["machine"]
+    machine = result.get("machine")
+    if isinstance(machine, dict):  # bench.machine.machine_info before it carried provenance
+        gpu = f", GPU {machine['gpu']['name']}" if machine.get("gpu") else ""
+        return f"{machine.get('cpu')}, {machine.get('torch_threads')} torch threads{gpu}"
+    return f"{machine} (CPU model not recorded)" if machine else provenance.UNKNOWN
+
+
+def provenance_section(results: dict[str, Any]) -> list[str]:
+    """Where each data file's numbers came from: commit, machine, date (recorded when its benchmark ran)."""
+    lines = ["## Where these numbers come from", "",
+             "Each data file under `reports/bench/` records its provenance when its benchmark runs (collected in "
+             "`reports/bench/provenance.json`; `reports/README.md` says whether they are still current). Files "
+             "written before that say unknown. Stage wall times (last section) are this checkout's "
+             "machine-local `reports/timing/`.", "",
+             "| data file | commit | machine | date |", "|---|---|---|---|"]
+    for name, record in provenance_document(results)["provenance"]["sources"].items():
+        cells = provenance.describe(record)
+        lines.append(f"| `{name}` | {cells['commit'] if record else provenance.UNKNOWN} | "
+                     f"{_machine_cell(results[name.removesuffix('.json')], record)} | "
+                     f"{cells['date'] if record else provenance.UNKNOWN} |")
+    return lines + [""]
+
+
 # ----------------------------------------------------------------- sections
 def machine_section(results: dict[str, Any]) -> list[str]:
     lines = ["## Machines", ""]
@@ -68,18 +114,31 @@ def machine_section(results: dict[str, Any]) -> list[str]:
 def step_table(case: dict[str, Any]) -> list[str]:
     """One row per strategy: step time, images/s, TFLOP/s, MFU, ratio to random, memory."""
     cuda = case["config"]["device"].startswith("cuda")
-    head = "| strategy | step (median, min-max, n) | images/s | TFLOP/s | MFU | x random (per-round ratio) |"
+    mfu = "MFU (of timed matmul)" if _timed_peak(case["peak"]) else "MFU"
+    head = f"| strategy | step (median, min-max, n) | images/s | TFLOP/s | {mfu} | x random (per-round ratio) |"
     head += " peak memory |" if cuda else ""
     lines = [head, "|" + "---|" * (7 if cuda else 6)]
     for strategy, entry in _ordered(case["strategies"]):
         ratio = case.get("ratio_to_random", {}).get(strategy)
         ratio_text = format_summary(ratio, digits=3) if ratio else "-"
+        if strategy != "random" and within_range(ratio):
+            ratio_text += " noise"
         row = (f"| {strategy} | {format_summary(entry['step_seconds'], 1000, 1, ' ms')} | {entry['images_per_second']:.1f} | "
                f"{entry['achieved_tflops']:.3f} | {100 * entry['mfu']:.1f}% | {ratio_text} |")
         if cuda:
             row += f" {entry['memory']['training_peak_mib'] / 1024:.1f} GiB |"
         lines.append(row)
     return lines
+
+
+def _timed_peak(peak: dict[str, Any]) -> bool:
+    """Whether MFU's denominator is a matmul timed on the spot (CPU, or a GPU without a datasheet figure)."""
+    return "datasheet" not in str(peak.get("source", ""))
+
+
+def within_range(ratio: dict[str, Any] | None) -> bool:
+    """A per-round ratio to random whose own range (min-max) includes 1: no difference beyond the noise."""
+    return bool(ratio) and ratio["min"] <= 1.0 <= ratio["max"]
 
 
 def _ordered(entries: dict[str, Any]) -> list[tuple[str, Any]]:
@@ -101,8 +160,11 @@ def step_notes(case: dict[str, Any]) -> list[str]:
            f"attention; forward and backward of the student, forward of the teacher, heads included), "
            f"x{counted / analytic:.4f} of the analytic count {analytic / 1e9:.1f} GFLOP." if counted else
            f"{analytic / 1e9:.1f} GFLOP analytic."),
-        f"MFU = FLOPs per step / median step time / peak; peak {peak['tflops']:.3g} TFLOP/s ({peak['source']}"
-        + (f", range {format_summary(peak['matmul']['tflops'], digits=3)}" if "matmul" in peak else "") + ").",
+        (f"MFU = FLOPs per step / median step time / the rate of a timed matmul, {peak['tflops']:.3g} TFLOP/s "
+         f"({peak['source']}" + (f", range {format_summary(peak['matmul']['tflops'], digits=3)}" if "matmul" in peak else "")
+         + "): the share of what a large matrix product achieves on these cores, not of the hardware's peak."
+         if _timed_peak(peak) else
+         f"MFU = FLOPs per step / median step time / peak; peak {peak['tflops']:.3g} TFLOP/s ({peak['source']})."),
     ]
     matmul = case.get("matmul")
     if matmul and case["strategies"]:
@@ -113,8 +175,12 @@ def step_notes(case: dict[str, Any]) -> list[str]:
         lines.append(f"Channels-last: the patch embedding is the only convolution, {100 * conv / counted:.1f}% of the "
                      "step's FLOPs, so a memory-format change cannot buy more than that; not offered as an option.")
     if "attmask_overhead_percent" in case:
-        overhead = ", ".join(f"{s} {v:+.1f}%" for s, v in case["attmask_overhead_percent"].items())
-        lines.append(f"AttMask overhead over random (median of per-round ratios): {overhead}.")
+        ratios = case.get("ratio_to_random") or {}
+        overhead = ", ".join(f"{s} {v:+.1f}%" + (" (noise)" if within_range(ratios.get(s)) else "")
+                             for s, v in case["attmask_overhead_percent"].items())
+        lines.append(f"AttMask overhead over random (median of per-round ratios): {overhead}. *(noise)*: the "
+                     "per-round ratio's own range (min-max, last table column) includes 1.000, so the sign is not "
+                     "measured.")
     memory = case.get("memory")
     if memory:
         lines.append(f"Memory: peak RSS {memory['peak_rss_mib']:.0f} MiB for one process training {memory['strategy']} "
@@ -444,7 +510,9 @@ def timing_section(results: dict[str, Any]) -> list[str]:
     lines = ["## Embedded `make repro`: wall time per stage", ""]
     timing = results.get("timing") or {}
     if not timing:
-        return lines + ["Not measured yet: no `reports/timing/<stage>.json` (written by each stage's run record).", ""]
+        return lines + ["Not measured yet: no `reports/timing/<stage>.json` on this checkout (machine-local, written by "
+                        "each stage's run record during `make repro`; the report stage summarises them in "
+                        "`reports/timing/summary.md`).", ""]
     lines += ["| stage | wall time | device | sacred run |", "|---|---|---|---|"]
     total = 0.0
     stages = [s for s in STAGES if s in timing] + sorted(s for s in timing if s not in STAGES and "wall_seconds" in timing[s])
@@ -453,7 +521,7 @@ def timing_section(results: dict[str, Any]) -> list[str]:
         total += record["wall_seconds"]
         device = (record.get("machine") or {}).get("device", "?")
         run = record.get("sacred_run")
-        run = run.get("dir", "-") if isinstance(run, dict) else (run if run is not None else "-")
+        run = relative(run.get("dir", "-")) if isinstance(run, dict) else (run if run is not None else "-")
         lines.append(f"| {stage} | {record['wall_seconds']:.1f} s | {device} | {run} |")
     # `metrics` only merges JSON files and keeps no run record (README "Run records")
     missing = [s for s in STAGES if s not in timing and s != "metrics"]
@@ -465,6 +533,18 @@ def timing_section(results: dict[str, Any]) -> list[str]:
                  " one interpreter start per stage."
                  + (f" Not measured yet: {', '.join(missing)}." if missing else ""))
     return lines + [""]
+
+
+def relative(path: str) -> str:
+    """A repository-relative path: a machine's absolute prefix (``/work/main/runs/...``) says nothing elsewhere."""
+    candidate = Path(path)
+    if not candidate.is_absolute():
+        return path
+    try:
+        return candidate.relative_to(Path.cwd()).as_posix()
+    except ValueError:
+        parts = candidate.parts
+        return Path(*parts[parts.index("runs"):]).as_posix() if "runs" in parts else candidate.name
 
 
 def estimate_section(results: dict[str, Any]) -> list[str]:
@@ -492,7 +572,7 @@ def render(results: dict[str, Any]) -> str:
     if run.get("quick"):
         lines += ["**Smoke run (`python -m bench --quick`): small sizes and few repeats; these CPU figures are not for "
                   "quoting. `make bench` on a quiet machine replaces them.**", ""]
-    for section in (machine_section, learning_curve_section, strategy_budget_section, feature_attributes_section,
+    for section in (provenance_section, machine_section, learning_curve_section, strategy_budget_section, feature_attributes_section,
                     pretrain_section, gpu_checks_section, data_section,
                     knn_section, linear_sgd_section, masking_section,
                     numerics_section, timing_section, estimate_section):
@@ -555,7 +635,8 @@ def _step_line(case: dict[str, Any]) -> str:
             f"MFU {100 * random['mfu']:.1f}% of {case['peak']['tflops']:.3g} TFLOP/s, {case['peak']['source']})")
     ratios = case.get("ratio_to_random") or {}
     if ratios:
-        parts = ", ".join(f"{s} x{r['median']:.3f}" for s, r in _ordered(ratios) if s != "random")
+        parts = ", ".join(f"{s} x{r['median']:.3f}" + (" (within its range: noise)" if within_range(r) else "")
+                          for s, r in _ordered(ratios) if s != "random")
         text += f"; step time relative to random: {parts} (median of {case['config']['rounds']} interleaved rounds)"
     return text
 
@@ -569,7 +650,8 @@ def main(argv: list[str] | None = None) -> str:
     text = render(results)
     OUTPUT.parent.mkdir(parents=True, exist_ok=True)
     OUTPUT.write_text(text)
-    print(f"wrote {OUTPUT}")
+    write_json(provenance_document(results), PROVENANCE)
+    print(f"wrote {OUTPUT}, {PROVENANCE}")
     if args.readme:
         readme = args.readme.read_text()
         readme = estimate.replace_block(readme, SUMMARY_BEGIN, SUMMARY_END, readme_summary(results))

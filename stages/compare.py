@@ -5,12 +5,15 @@
     python -m stages.compare --render      # only render, from `dvc exp show --json`
     python -m stages.compare --render --show-json exps.json   # ... or from a saved document
     python -m stages.compare --render --rev <commit>          # ... experiments of another commit, planned from its params.yaml
+    python -m stages.compare --from-json reports/comparison.json  # re-render from the JSON alone (no DVC)
 
 Not a DVC stage (it drives `dvc exp`). Reads the `compare` section of params.yaml;
 experiments that already finished with the same params on the same commit are
 not rerun. The queue runs on the commit checked out at the start; results are
 read back from that commit even if you commit something while it runs. Writes
-reports/comparison.md, comparison.png and comparison.json.
+reports/comparison.md, comparison.png and comparison.json; the JSON records the
+provenance (commit, params, machine, date, input hashes) of the numbers, which
+``--from-json`` keeps as recorded.
 """
 from __future__ import annotations
 
@@ -27,7 +30,8 @@ from pathlib import Path
 import yaml
 
 from pipeline.core.config import load_params
-from pipeline.reporting.compare import dvc, match, plan, queue_command, render
+from pipeline.reporting import provenance
+from pipeline.reporting.compare import dvc, match, plan, queue_command, render, rerender
 from stages.paths import PARAMS, REPORTS
 
 
@@ -39,9 +43,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rev", help="baseline commit whose experiments to read (default: HEAD at the start)")
     parser.add_argument("--dry-run", action="store_true", help="print what would be queued")
     parser.add_argument("--jobs", type=int, default=1, help="experiments at a time (1 on a 2-core machine)")
+    parser.add_argument("--from-json", type=Path, help="re-render comparison.md/.png from this comparison.json only")
     args = parser.parse_args(argv)
     if args.rev and not args.render:
         parser.error("--rev reads another commit's experiments: use it with --render")
+    if args.from_json:
+        doc = rerender(args.from_json)
+        print(f"compare: re-rendered {args.from_json.parent / 'comparison.md'} from {args.from_json}")
+        return 1 if doc["missing"] else 0
 
     params = load_params(PARAMS)  # a bad compare section fails here, before anything is queued
     raw = yaml.safe_load(PARAMS.read_text())
@@ -76,7 +85,12 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
         show = exp_show(baseline)
 
-    summary = render(params.compare, experiments, show, REPORTS)
+    if args.rev:  # another commit's numbers: its commit is known, what it held is not
+        origin = provenance.unknown_record(commit={"state": "recorded", "commit": args.rev,
+                                                   "note": "the experiments' baseline (`--rev`); inputs not recorded"})
+    else:
+        origin = provenance.record(params_sha=provenance.params_sha256(params), threads=params.threads)
+    summary = render(params.compare, experiments, show, REPORTS, provenance=origin)
     missing = summary["missing"]
     print(f"compare: {REPORTS / 'comparison.md'}, comparison.png, comparison.json"
           + (f"; {len(missing)} experiments missing: {', '.join(e.name for e in missing)}" if missing else ""))

@@ -140,6 +140,36 @@ def mask_examples(
     )
 
 
+def attention_max_over_min(attention: np.ndarray) -> np.ndarray:
+    """``(B,)`` max / min of each ``(B, h, w)`` attention map: 1 is flat, and how peaked the map is above that."""
+    flat = attention.reshape(attention.shape[0], -1).astype(np.float64)
+    return flat.max(axis=1) / np.maximum(flat.min(axis=1), 1e-12)
+
+
+def hint_revealed(examples: MaskExamples) -> list[int]:
+    """Patches AttMask-Hint reveals per image (masked by High, not by Hint); [] without both strategies."""
+    masks = examples.masks
+    if "attmask_hint" not in masks or "attmask_high" not in masks:
+        return []
+    return [int(n) for n in (masks["attmask_high"] & ~masks["attmask_hint"]).reshape(len(examples.names), -1).sum(1)]
+
+
+def mask_figure_data(examples: MaskExamples) -> dict[str, Any]:
+    """What the qualitative figure shows, as numbers for ``report.json`` (the README's text reads these).
+
+    ``attention_max_over_min``: per image (1 = flat); ``attention_entropy``: per
+    image, the entropy of the attention over the patches divided by ln(P)
+    (1 = flat); ``hint_revealed``: per image.
+    """
+    flat = examples.attention.reshape(len(examples.names), -1).astype(np.float64)
+    p = flat / flat.sum(axis=1, keepdims=True)
+    entropy = -(p * np.log(np.maximum(p, 1e-300))).sum(axis=1) / math.log(flat.shape[1])
+    return {"patches": int(flat.shape[1]), "ratio": examples.ratio, "count": examples.count,
+            "attention_max_over_min": [round(float(v), 3) for v in attention_max_over_min(examples.attention)],
+            "attention_entropy": [round(float(v), 4) for v in entropy],
+            "hint_revealed": hint_revealed(examples)}
+
+
 def read_csv_columns(path: str | Path) -> dict[str, np.ndarray]:
     """A numeric CSV with a header row -> column name -> float64 ``(rows,)``."""
     with open(path, newline="") as handle:
@@ -249,6 +279,8 @@ def plot_mask_figure(examples: MaskExamples) -> Figure:
     """
     strategies = list(examples.masks)
     rows, cols = len(examples.names), 2 + len(strategies)
+    spreads = attention_max_over_min(examples.attention)
+    revealed = hint_revealed(examples)
     size = examples.images.shape[1]
     extent = (0, size, size, 0)  # patch grid stretched over the image, pixel-aligned
     with _style(), matplotlib.rc_context({"axes.grid": False}):
@@ -257,12 +289,11 @@ def plot_mask_figure(examples: MaskExamples) -> Figure:
         for r in range(rows):
             image = examples.images[r]
             attention = examples.attention[r]
-            spread = float(attention.max() / max(attention.min(), 1e-12))
             axes[r, 0].imshow(image, interpolation="nearest")
             axes[r, 0].set_ylabel(examples.names[r], fontsize=7)
             axes[r, 1].imshow(image, interpolation="nearest")
             axes[r, 1].imshow(attention, cmap="inferno", alpha=0.75, extent=extent, interpolation="nearest")
-            axes[r, 1].set_xlabel(f"max/min {spread:.2f}", fontsize=7)
+            axes[r, 1].set_xlabel(f"max/min {spreads[r]:.2f}", fontsize=7)
             for c, strategy in enumerate(strategies, start=2):
                 mask = examples.masks[strategy][r]
                 axes[r, c].imshow(image, interpolation="nearest")
@@ -278,19 +309,23 @@ def plot_mask_figure(examples: MaskExamples) -> Figure:
             ax.set_xticks([])
             ax.set_yticks([])
         grid = examples.attention.shape[1:]
+        # promise revealed patches only where the figure shows some (floor(show_max * r * P) is 0 on small grids)
+        hint = ("cyan outline = hint revealed" if any(revealed) else
+                "AttMask-Hint reveals 0 patches here (its masks equal AttMask-High's)" if revealed else "")
         figure.suptitle(
             f"Masks at ratio {examples.ratio:g} (N = {examples.count} of {grid[0] * grid[1]} patches); "
-            "grey = masked, cyan outline = hint revealed",
+            "grey = masked" + (f", {hint}" if hint else ""),
             fontsize=8,
         )
         figure.tight_layout()
     return figure
 
 
-def plot_comparison(summary: dict[str, Any], names: Sequence[str], columns: dict[str, str], seeds: int,
+def plot_comparison(summary: dict[str, Any], labels: dict[str, str], columns: dict[str, str], seeds: int,
                     data_share_strategies: Sequence[str], knn_k: int, path: Path) -> None:
-    """``reports/comparison.png``: bars per strategy (rows ``names``) and metric (``columns``: key -> label),
-    mean with sd error bars over ``seeds``, beside k-NN vs data share; deterministic PNG (``make compare``)."""
+    """``reports/comparison.png``: bars per strategy (``labels``: row name -> display name) and metric
+    (``columns``: key -> label), mean with sd error bars over ``seeds``, each metric's random-init floor as a
+    dotted line in its colour, beside k-NN vs data share; deterministic PNG (``make compare``)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -299,27 +334,33 @@ def plot_comparison(summary: dict[str, Any], names: Sequence[str], columns: dict
     with plt.style.context("default"):
         with_shares = any(len(points) > 1 for points in summary["data_share"].values())  # 100% alone: no curve
         if with_shares:
-            fig, (bars, shares) = plt.subplots(1, 2, figsize=(12, 4.2), dpi=100, gridspec_kw={"width_ratios": [2.2, 1]})
+            fig, (bars, shares) = plt.subplots(1, 2, figsize=(14, 4.2), dpi=100, gridspec_kw={"width_ratios": [2.2, 1]})
         else:
-            fig, bars = plt.subplots(1, 1, figsize=(8.5, 4.2), dpi=100)
+            fig, bars = plt.subplots(1, 1, figsize=(10, 4.2), dpi=100)
+        names = list(labels)
         width = 0.8 / len(columns)
         for i, column in enumerate(columns):
             stats = [summary["table"][n][column] for n in names]
             xs = [j + (i - (len(columns) - 1) / 2) * width for j in range(len(names))]
             spread = [(s.sd or 0.0) if s else 0.0 for s in stats] if seeds > 1 else None
-            bars.bar(xs, [s.mean if s else math.nan for s in stats], width, yerr=spread, capsize=3,
-                     label=columns[column])
+            drawn = bars.bar(xs, [s.mean if s else math.nan for s in stats], width, yerr=spread, capsize=3,
+                             label=columns[column])
+            floor = (summary.get("random_init") or {}).get(column)
+            if floor is not None:
+                bars.axhline(floor.mean, color=drawn.patches[0].get_facecolor(), linestyle=":", linewidth=1.2,
+                             label=f"random init, {columns[column]}")
         if summary["num_classes"]:
             bars.axhline(100 / summary["num_classes"], color="grey", linestyle="--", linewidth=1, label="chance")
-        bars.set_xticks(range(len(names)), names, rotation=20, ha="right")
+        bars.set_xticks(range(len(names)), [labels[n] for n in names], rotation=20, ha="right")
         bars.set_ylabel("top-1 (%)")
         bars.set_title(f"Strategies (mean ± sd over {seeds} seeds)" if seeds > 1 else "Strategies (one seed, no spread)")
-        bars.legend(fontsize=8)
+        bars.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: the bars fill the axes
         for name in data_share_strategies if with_shares else ():
             points = [(s, st) for s, st in summary["data_share"][name].items() if st]
             if points:
                 shares.errorbar([p[0] for p in points], [p[1].mean for p in points],
-                                yerr=[p[1].sd or 0.0 for p in points], marker="o", capsize=3, label=name)
+                                yerr=[p[1].sd or 0.0 for p in points], marker="o", capsize=3,
+                                label=labels.get(name, name))
         if with_shares:
             shares.set_xlabel("share of the train set (%)")
             shares.set_ylabel(f"k-NN top-1, k = {knn_k} (%)")

@@ -2,48 +2,52 @@
 
 :func:`collect_report` gathers every number into ``reports/report.json``
 (deterministic, a DVC output), and :func:`render_readme` writes
-``reports/README.md`` from it plus the volatile provenance (commit, sacred runs,
-machines, wall times), which is why README.md is not a DVC output.
+``reports/README.md`` from it plus its provenance (:mod:`pipeline.reporting.provenance`),
+the stages' machines and the companion reports' freshness. README.md holds no
+clock reading, run counter or date, so a rerun of the same commit on the same
+kind of machine writes the same bytes; the clock readings go to
+``reports/timing/summary.md`` (:mod:`pipeline.reporting.timing`).
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import subprocess
+import statistics
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
-from pipeline.core.config import MaskingConfig, Params, params_to_dict
+from pipeline.core.config import MaskingConfig, Params
 from pipeline.core.files import sha256_file, write_json
 from pipeline.core.strategies import strategy_label
-from pipeline.core.tracking import environment, machine_info
 from pipeline.reporting.metrics import read_optional
 from pipeline.reporting.paper import PAPER_FEWSHOT, PAPER_SOURCE, PAPER_TABLE
+# format_environment lives in provenance; imported here too because older callers read it from this module
+from pipeline.reporting.provenance import format_environment, header_lines, judge, params_sha256  # noqa: F401
 
-
-# ===================================================================== the report
-# `reports/report.json` (deterministic, a DVC output) holds every number of the
-# report; `reports/README.md` renders it together with provenance that changes
-# from run to run (commit, sacred run ids, machine, wall times), which is why
-# README.md is not a DVC output (see dvc.yaml, stage `report`).
-
-REPORT_FORMAT = 1
+REPORT_FORMAT = 2
 REPORT_VARIANTS = ("pretrained", "random_init", "pixels")
 VARIANT_LABELS = {"pretrained": "pre-trained (this run)", "random_init": "random init", "pixels": "raw pixels"}
 EVAL_FILES = ("knn", "fewshot", "linear", "finetune")
 HEADLINE_K = "20"  # DINO/iBOT report k-NN at k = 20
 
 # The supervised reference: the same ViT, trained with labels from random init on the
-# same train split and budget (the finetune stage's random_init run). Frozen-feature
-# probes of a self-supervised backbone are judged against it.
+# same train split and budget. It *is* the finetune stage's random_init run, so it is
+# the random-init row's fine-tuning cell, not a row of its own.
 SUPERVISED_MODEL = "the same ViT trained with labels from random init (fine-tuning stage, same budget)"
 
+# An attention map counts as nearly flat when its most attended patch gets less than
+# twice the attention of its least attended one (the max/min the figure prints).
+FLAT_MAX_OVER_MIN = 2.0
+# A few-shot mean is within noise of chance when |mean - chance| < NOISE_SE x the larger of the
+# draws' standard deviation and the binomial standard error of one draw on the val images.
+NOISE_SE = 2.0
 
-def params_sha256(params: Params) -> str:
-    """SHA-256 of the validated params as canonical JSON (YAML comments and layout do not count)."""
-    text = json.dumps(params_to_dict(params), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()
+# Stages that keep no run record, so reports/timing/ never has their file, and why.
+NO_RUN_RECORD = {"metrics": "none kept: the stage only merges JSON files and runs without a run record"}
+
+# The companion reports: file, its JSON (whose "provenance" says what it depends on), how to make it.
+COMPANIONS = (("comparison.md", "comparison.json", "`make compare`"),
+              ("bench.md", "bench/provenance.json", "`make bench`"),
+              ("reliability.md", "reliability.json", "`pytest tests/reliability`"))
 
 
 def ratio_label(masking: MaskingConfig) -> str:
@@ -54,32 +58,24 @@ def ratio_label(masking: MaskingConfig) -> str:
     return f"{round(low * 100, 6):g}-{round(high * 100, 6):g}%"
 
 
-def supervised_reference(finetune: dict[str, Any], knn: float | None, linear: float | None) -> dict[str, Any] | None:
-    """The supervised upper bound and the share of it that the frozen pre-trained features reach.
-
-    Args:
-        finetune: ``reports/eval/finetune.json``; its ``random_init`` run is the supervised reference.
-        knn, linear: the pre-trained backbone's k-NN and linear-probe top-1 (percent).
-    """
+def supervised_reference(finetune: dict[str, Any]) -> dict[str, Any] | None:
+    """The supervised reference (the finetune stage's ``random_init`` run), None when it has not run."""
     run = finetune.get("random_init")
     if not run or not run.get("top1"):
         return None
-    top1 = run["top1"]
-    return {
-        "model": SUPERVISED_MODEL,
-        "top1": top1,
-        "knn_share": None if knn is None else round(100.0 * knn / top1, 1),
-        "linear_share": None if linear is None else round(100.0 * linear / top1, 1),
-    }
+    return {"model": SUPERVISED_MODEL, "variant": "random_init", "top1": run["top1"]}
 
 
 def collect_report(
-    eval_dir: Path, pretrain_dir: Path, manifest_path: Path, params: Params, figures: dict[str, str]
+    eval_dir: Path, pretrain_dir: Path, manifest_path: Path, params: Params, figures: dict[str, str],
+    figure_data: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Every number of the report, deterministic (no times, hosts or run ids): ``reports/report.json``.
 
     Missing evaluation files are listed under ``missing`` and their cells left
     ``None`` (the renderer writes "not run"), so a partial pipeline still renders.
+    ``figure_data``: figure name -> what it shows as numbers (e.g.
+    :func:`pipeline.reporting.figures.mask_figure_data`), which the text judges by.
     """
     evals = {name: read_optional(eval_dir / f"{name}.json") for name in EVAL_FILES}
     manifest = read_optional(manifest_path)
@@ -97,7 +93,6 @@ def collect_report(
         }
         if any(v is not None for v in row.values()):
             table[variant] = row
-    pretrained = table.get("pretrained") or {}
     masking = params.masking
     key = (masking.strategy, round(masking.ratio, 6), round(masking.ratio_var, 6))
     data: dict[str, Any] = {"manifest": str(manifest_path), "manifest_sha256": None}
@@ -127,77 +122,48 @@ def collect_report(
         "pretrain": read_optional(pretrain_dir / "metrics.json"),
         "uniform_cls_loss": math.log(params.model.out_dim),
         "expected_masked_share": masking.prob * masking.ratio,
-        "supervised_reference": supervised_reference(finetune, pretrained.get("knn"), pretrained.get("linear")),
+        "supervised_reference": supervised_reference(finetune),
         "linear_sgd": _linear_sgd(read_optional(eval_dir / "linear_sgd.json")),
         "paper": {"source": PAPER_SOURCE, "table": PAPER_TABLE.get(key), "fewshot": PAPER_FEWSHOT.get(masking.strategy)
                   if key in PAPER_TABLE else None},
         "figures": dict(figures),
+        "figure_data": dict(figure_data or {}),
         "missing": [f"{eval_dir / name}.json" for name in EVAL_FILES if evals[name] is None],
     }
 
 
-# ------------------------------------------------------------- volatile provenance
-def git_commit(repo: Path = Path(".")) -> dict[str, Any]:
-    """``{"sha": ..., "dirty": [tracked files with uncommitted changes]}``; sha None outside git."""
-    def git(*args: str) -> str | None:
+def write_report_json(report: dict[str, Any], path: Path) -> None:
+    write_json(report, path)
+
+
+# ------------------------------------------------------------------ companions
+def companion_statuses(reports_dir: Path, repo: Path = Path("."), params_sha: str | None = None) -> list[dict[str, Any]]:
+    """Each companion report: ``{"name", "how", "state": current | stale | missing, "why"}``."""
+    statuses = []
+    for name, record_file, how in COMPANIONS:
+        if not (reports_dir / name).is_file():
+            statuses.append({"name": name, "how": how, "state": "missing", "why": ""})
+            continue
         try:
-            done = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, timeout=30)
-        except (OSError, subprocess.TimeoutExpired):
-            return None
-        return done.stdout if done.returncode == 0 else None
-
-    sha = git("rev-parse", "HEAD")
-    status = git("status", "--porcelain", "--untracked-files=no") or ""
-    return {"sha": sha.strip() if sha else None, "dirty": [line[3:] for line in status.splitlines() if line.strip()]}
+            record = (read_optional(reports_dir / record_file) or {}).get("provenance")
+        except (OSError, ValueError):
+            record = None  # unreadable: judged as unknown, like a missing record
+        current, why = judge(record, repo, params_sha)
+        statuses.append({"name": name, "how": how, "state": "current" if current else "stale", "why": why})
+    return statuses
 
 
-def describe_machine() -> dict[str, Any]:
-    """This process's machine (:func:`pipeline.core.tracking.machine_info`) and its environment."""
-    return {**machine_info(), "environment": environment()}
-
-
-def format_environment(env: dict[str, Any] | None) -> str:
-    """``Python 3.11.7, requirements.lock 1a2b3c4d5e6f, CPU family 25 model 17, ISA avx2 fma avx512f, numerics ...``."""
-    if not env:
-        return "not recorded"
-    lock = env.get("lock_sha256")
-    parts = [f"Python {env.get('python')}", f"requirements.lock {lock[:12]}" if lock else "no requirements.lock"]
-    if env.get("cpu_family") is not None:
-        parts.append(f"CPU family {env['cpu_family']} model {env.get('cpu_model_number')}")
-    parts.append("ISA " + (" ".join(env.get("isa") or []) or "not recorded"))
-    if env.get("numerics"):
-        parts.append(format_numerics(env["numerics"]))
-    return ", ".join(parts)
-
-
-def format_numerics(numerics: dict[str, Any]) -> str:
-    """``numerics portable (torch AVX2, MKL AVX2 strict, oneDNN off)`` from :func:`describe_numerics`'s record."""
-    details = []
-    if numerics.get("torch_cpu_capability"):
-        details.append(f"torch {numerics['torch_cpu_capability']}")
-    if numerics.get("mkl"):
-        details.append(f"MKL {numerics['mkl']['branch']}" + (" strict" if numerics["mkl"].get("strict") else ""))
-    if "onednn" in numerics:
-        details.append("oneDNN " + ("on" if numerics["onednn"] else "off"))
-    return f"numerics {numerics.get('mode')}" + (f" ({', '.join(details)})" if details else "")
-
-
-def summarize_markdown(path: Path, limit: int = 300) -> str | None:
-    """The first heading and paragraph of a markdown file (None if it does not exist)."""
-    if not path.is_file():
-        return None
-    heading, paragraph = "", []
-    for line in path.read_text().splitlines():
-        text = line.strip()
-        if text.startswith("#") and not heading and not paragraph:
-            heading = text.lstrip("#").strip()
-        elif text and not text.startswith(("#", "|", "```", "!")):
-            paragraph.append(text)
-        elif paragraph:
-            break
-    summary = " ".join(paragraph)
-    summary = summary if len(summary) <= limit else summary[: limit - 3].rstrip() + "..."
-    return f"{heading}: {summary}" if heading and summary else heading or summary
+def _companions(statuses: list[dict[str, Any]]) -> list[str]:
+    lines = ["## Companion reports", "",
+             "Current: every file it depends on (SHA-256 in its JSON's `provenance`) and the params equal this "
+             "tree's; stale: one changed since it was produced, or it recorded none.", ""]
+    for status in statuses:
+        name = status["name"]
+        if status["state"] == "missing":
+            lines.append(f"- `{name}` ({status['how']}): not generated.")
+        else:
+            lines.append(f"- [`{name}`]({name}) ({status['how']}): **{status['state']}**: {status['why']}.")
+    return lines + [""]
 
 
 # ---------------------------------------------------------------------- rendering
@@ -205,15 +171,8 @@ def _pct(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}"
 
 
-def _seconds(value: float | None) -> str:
-    if value is None:
-        return "not recorded"
-    minutes, seconds = divmod(float(value), 60)
-    return f"{seconds:.1f} s" if minutes == 0 else f"{int(minutes)} min {seconds:02.0f} s"
-
-
 def format_machine(machine: dict[str, Any] | None) -> str:
-    """``cpu (AMD EPYC), 2 threads`` / ``cuda (NVIDIA H100) x8, 16 threads``."""
+    """``cpu (AMD EPYC), 2 threads`` / ``cuda (NVIDIA H100) x8, 16 threads`` (a stage's ``machine_info``)."""
     if not machine:
         return "not recorded"
     device = str(machine.get("device", "?"))
@@ -228,75 +187,42 @@ def format_machine(machine: dict[str, Any] | None) -> str:
     return text
 
 
-def _sacred_run(stage: str, value: Any) -> str:
-    if isinstance(value, dict):
-        value = value.get("id")
-    if value is None:
-        return "not recorded"
-    text = str(value)
-    return f"`runs/sacred/{text}`" if "/" in text else f"`runs/sacred/{stage}/{text}`"
-
-
-_TIMING_KEYS = {"stage", "sacred_run", "wall_seconds", "machine"}
-
-
-def _extras(timing: dict[str, Any]) -> str:
-    """Stage-specific timing figures (e.g. images_per_second), compactly."""
-    parts = []
-    for key, value in sorted(timing.items()):
-        if key in _TIMING_KEYS or isinstance(value, (dict, list)) or isinstance(value, bool):
-            continue
-        shown = f"{value:.1f}" if isinstance(value, float) else str(value)
-        parts.append(f"{key.replace('_', ' ')} {shown}")
-    return "; ".join(parts)
-
-
-def _header(report: dict[str, Any], commit: dict[str, Any], machine: dict[str, Any],
-            timings: dict[str, dict[str, Any] | None]) -> list[str]:
-    sha = commit.get("sha")
-    commit_text = f"`{sha}`" if sha else "unknown (not a git checkout)"
-    if commit.get("dirty"):
-        shown = ", ".join(f"`{p}`" for p in commit["dirty"][:5]) + (" ..." if len(commit["dirty"]) > 5 else "")
-        commit_text += f" plus uncommitted changes in {shown}"
+def _header(report: dict[str, Any], provenance: Mapping[str, Any] | None) -> list[str]:
     data = report["data"]
     if data.get("manifest_sha256"):
         images = data.get("images", {})
-        data_text = (f"`{data['manifest_sha256']}` (`{data['manifest']}`: {data.get('source')}, "
+        data_text = (f"sha256 `{data['manifest_sha256']}` (`{data['manifest']}`: {data.get('source')}, "
                      f"{data.get('num_classes')} classes, {images.get('train')} train / {images.get('val')} val images, "
                      f"{data.get('rejected', 0)} rejected)")
     else:
         data_text = f"not available (`{data['manifest']}` missing)"
-    stage_machines = sorted({format_machine(t.get("machine")) for t in timings.values() if t and t.get("machine")})
-    lines = [
+    return [
         f"# AttMask report: {report['strategy_name']}, masking ratio {report['masking']['ratio_label']}",
         "",
         "Generated by `python -m stages.report` (the DVC `report` stage) from the pipeline's outputs; "
         "do not edit by hand. Every number below is also in [`report.json`](report.json).",
         "",
-        "| produced by | |",
-        "|---|---|",
-        f"| commit | {commit_text} |",
-        f"| params | sha256 `{report['params_sha256']}` (`params.yaml`, validated, as canonical JSON) |",
-        f"| data manifest | sha256 {data_text} |",
-        f"| machine (stages) | {'; '.join(stage_machines) if stage_machines else 'not recorded'} |",
-        f"| machine (this report) | {format_machine(machine)} |",
-        f"| environment (this report) | {format_environment(machine.get('environment'))} |",
-        "",
-        "| stage | sacred run | wall time | machine | notes |",
-        "|---|---|---|---|---|",
+        # the params hash is the report's own (report.json), so header and report.json cannot disagree
+        *header_lines({**(provenance or {}), "params_sha256": report["params_sha256"]},
+                      extra=[("data manifest", data_text)], date=False),
     ]
+
+
+def _stages(timings: Mapping[str, dict[str, Any] | None], this_stage: str, this_machine: dict[str, Any] | None) -> list[str]:
+    """Where each stage ran; no clock readings or run ids (they change on every run)."""
+    lines = ["| stage | machine | timing record |", "|---|---|---|"]
     for stage, timing in timings.items():
-        if timing is None:
-            lines.append(f"| {stage} | not recorded | not recorded | not recorded | |")
-            continue
-        lines.append(f"| {stage} | {_sacred_run(stage, timing.get('sacred_run'))} | {_seconds(timing.get('wall_seconds'))} "
-                     f"| {format_machine(timing.get('machine'))} | {_extras(timing)} |")
-    recorded = [t["wall_seconds"] for t in timings.values() if t and t.get("wall_seconds") is not None]
-    if recorded:
-        lines.append(f"| **total** | | {_seconds(sum(recorded))} | | {len(recorded)} of {len(timings)} stages recorded |")
-    lines += ["", "Sacred records live under `runs/sacred/<stage>/<id>/` (config, host, packages, metrics); "
-              "wall times and machines come from `reports/timing/<stage>.json`.", ""]
-    return lines
+        if stage == this_stage:
+            lines.append(f"| {stage} | {format_machine(this_machine)} | this stage: written after this file, "
+                         f"`reports/timing/{stage}.json` |")
+        elif timing is not None:
+            lines.append(f"| {stage} | {format_machine(timing.get('machine'))} | `reports/timing/{stage}.json` |")
+        else:
+            why = NO_RUN_RECORD.get(stage, f"none on this machine (no `reports/timing/{stage}.json`)")
+            lines.append(f"| {stage} | - | {why} |")
+    return lines + ["", "Wall times, images/s, CPU seconds and sacred run ids change on every run, so they are not "
+                        "in this file: the report stage prints them and writes `reports/timing/summary.md` "
+                        "(machine-local, not tracked by git).", ""]
 
 
 def _linear_sgd(result: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -311,6 +237,7 @@ def _results(report: dict[str, Any]) -> list[str]:
     k = report["knn_k"]
     table = report["table"]
     masking = report["masking"]
+    reference = report.get("supervised_reference")
     lines = [
         "## Results",
         "",
@@ -325,10 +252,9 @@ def _results(report: dict[str, Any]) -> list[str]:
             name, ratio = f"**{report['strategy_name']}** (this run)", masking["ratio_label"]
         else:
             name, ratio = f"{VARIANT_LABELS[variant]} (baseline)", "-"
+        if reference and variant == reference["variant"]:
+            name += "; its fine-tuning is the supervised reference"
         lines.append(f"| {name} | {ratio} | {_pct(row['knn'])} | {_pct(row['linear'])} | {_pct(row['finetune'])} |")
-    reference = report.get("supervised_reference")
-    if reference:
-        lines.append(f"| supervised reference: same ViT, labels, from random init | - | | | {reference['top1']:.1f} |")
     paper = report["paper"]["table"]
     if paper:
         lines.append(f"| *paper, ImageNet (theirs)*: {report['strategy_name']} | {masking['ratio_label']} "
@@ -336,20 +262,19 @@ def _results(report: dict[str, Any]) -> list[str]:
                      f"| *{paper['finetune_cifar10']:.1f} / {paper['finetune_cifar100']:.1f}* (CIFAR10 / 100) |")
     lines.append("")
     notes = []
+    mine = table.get("pretrained") or {}
     if reference:
-        shares = [f"{name} {reference[key]:.0f}%" for name, key in (("k-NN", "knn_share"), ("linear probe", "linear_share"))
-                  if reference[key] is not None]
-        notes.append(f"The supervised reference is {reference['model']}; the frozen self-supervised features reach "
-                     f"{' and '.join(shares)} of it.")
-        if any(reference[key] is not None and reference[key] > 100 for key in ("knn_share", "linear_share")):
-            notes.append("Above 100%: at this budget, labels from scratch do not yet beat the frozen "
-                         "self-supervised features, so the reference is no upper bound here.")
+        # like with like: the supervised reference is a fine-tuning number, so only fine-tuning is held against it
+        against = (f"; fine-tuning the pre-trained backbone instead gives {mine['finetune']:.1f} "
+                   f"({mine['finetune'] - reference['top1']:+.1f} points)" if mine.get("finetune") is not None else "")
+        notes.append(f"The supervised reference is {reference['model']}: the same run as the random-init "
+                     f"fine-tuning cell ({reference['top1']:.1f}), listed once{against}.")
     else:
         notes.append("No supervised reference: the fine-tuning stage has not run.")
     if paper:
         notes.append(f"The italic row is the paper's ({report['paper']['source']}), for the shape of the "
                      "comparison only: different data, model size and budget.")
-    mine, floor = table.get("pretrained"), table.get("random_init")
+    floor = table.get("random_init")
     if mine and floor:
         deltas = [f"{col} {mine[col] - floor[col]:+.1f}" for col in ("knn", "linear", "finetune")
                   if mine[col] is not None and floor[col] is not None]
@@ -381,6 +306,16 @@ def _knn_all(report: dict[str, Any]) -> list[str]:
     return lines + [""]
 
 
+def chance_noise(report: dict[str, Any], std: float) -> float | None:
+    """The few-shot noise band around chance (points): :data:`NOISE_SE` x max(draw std, binomial SE on val)."""
+    classes, val = report["data"].get("num_classes"), (report["data"].get("images") or {}).get("val")
+    if not classes:
+        return None
+    chance = 100.0 / classes
+    binomial = math.sqrt(chance * (100.0 - chance) / val) if val else 0.0
+    return NOISE_SE * max(std, binomial)
+
+
 def _fewshot(report: dict[str, Any]) -> list[str]:
     fewshot = report["fewshot"]
     lines = ["### Few-shot k-NN", ""]
@@ -388,15 +323,34 @@ def _fewshot(report: dict[str, Any]) -> list[str]:
         return lines + ["not run", ""]
     shots = sorted({s for per in fewshot.values() for s in per}, key=int)
     draws = max(r["draws"] for per in fewshot.values() for r in per.values())
+    classes = report["data"].get("num_classes")
+    chance = 100.0 / classes if classes else None
+    marked = 0
+
+    def cell(result: dict[str, Any]) -> str:
+        nonlocal marked
+        text = f"{result['mean']:.1f} ± {result['std']:.1f}"
+        band = chance_noise(report, result["std"])
+        if chance is not None and band is not None and abs(result["mean"] - chance) < band:
+            marked += 1
+            return text + " (chance)"
+        return text
+
     lines += [f"Top-1 (%) with 1/5/10/20 labelled train images per class: mean ± std over {draws} seeded draws.", "",
               "| features | " + " | ".join(f"{s} / class" for s in shots) + " |", "|---|" + "---|" * len(shots)]
     for variant, per in fewshot.items():
-        cells = " | ".join(f"{per[s]['mean']:.1f} ± {per[s]['std']:.1f}" if s in per else "-" for s in shots)
+        cells = " | ".join(cell(per[s]) if s in per else "-" for s in shots)
         lines.append(f"| {VARIANT_LABELS.get(variant, variant)} | {cells} |")
     paper = report["paper"]["fewshot"]
     if paper:
         cells = " | ".join(f"*{paper[s]:.1f}*" if s in paper else "" for s in shots)
         lines.append(f"| *paper, ImageNet (theirs)*: {report['strategy_name']} | {cells} |")
+    if chance is not None:
+        val = (report["data"].get("images") or {}).get("val")
+        se = f" and the binomial standard error of one draw on the {val} val images" if val else ""
+        lines += ["", f"*(chance)*: within noise of chance ({chance:.1f}%, {classes} classes), i.e. |mean - chance| "
+                      f"< {NOISE_SE:g} x the larger of the draws' std{se}: {marked} cell(s). Such a cell, above or "
+                      "below chance or the other row, measures no learned difference."]
     return lines + [""]
 
 
@@ -419,65 +373,95 @@ def _pretraining(report: dict[str, Any]) -> list[str]:
         lines.append(f"Teacher k-NN top-1 on val while training (`pretrain.eval_every`, "
                      f"`reports/pretrain/knn.csv`): {points}.")
     if abs(pretrain["final_loss_cls"] - uniform) < 0.05 * uniform:
-        lines.append(f"The [CLS] loss ends within 5% of ln(out_dim) = {uniform:.3f}, the loss of a uniform "
-                     "teacher: this run has not learned much yet, so the attention maps below are nearly flat.")
+        lines.append(f"The [CLS] loss ends within 5% of ln(out_dim) = {uniform:.3f}, the loss against a uniform "
+                     "teacher; that alone does not make the attention flat (judged from the attention itself below).")
+    lines += _attention_statement(report)
     return lines + [""]
 
 
+def _attention_statement(report: dict[str, Any]) -> list[str]:
+    """Whether the figure's attention maps are flat, from their max/min (not from the loss)."""
+    ratios = (report.get("figure_data") or {}).get("masks", {}).get("attention_max_over_min") or []
+    if not ratios:
+        return []
+    flat = sum(r < FLAT_MAX_OVER_MIN for r in ratios)
+    spread = f"max/min attention over patches {min(ratios):.1f}-{max(ratios):.1f} (median {statistics.median(ratios):.1f})"
+    if flat == len(ratios):
+        return [f"The teacher's attention maps below are nearly flat: {spread} in all {len(ratios)} figure images, "
+                f"below {FLAT_MAX_OVER_MIN:g} (the most attended patch gets less than {FLAT_MAX_OVER_MIN:g}x the "
+                "least attended one), so attention-guided masks are close to arbitrary here."]
+    return [f"The teacher's attention is not flat: {spread} in the {len(ratios)} figure images"
+            + (f"; {flat} of them nearly flat (below {FLAT_MAX_OVER_MIN:g})" if flat else "") + "."]
+
+
+MASKS_CAPTION = ("The qualitative figure: for seeded val images, the image (the eval crop the teacher sees), the "
+                 "exported teacher's last-block [CLS] attention (mean over heads, min-max scaled per image; max/min "
+                 "below it), and the mask each strategy draws at the same ratio (grey = masked). High masks the most "
+                 "attended patches, Low the least, Hint as High but with some of the top patches revealed again.")
 FIGURE_CAPTIONS = {
-    "masks": "The qualitative figure: for seeded val images, the image (the eval crop the teacher sees), the "
-             "exported teacher's last-block [CLS] attention (mean over heads, min-max scaled per image; max/min "
-             "below it), and the mask each strategy draws at the same ratio (grey = masked). High masks the most "
-             "attended patches, Low the least, Hint as High with a few top patches revealed.",
     "losses": "Pre-training losses per step (`reports/pretrain/steps.csv`).",
     "masked_share": "Share of masked patch tokens per step.",
     "finetune": "Fine-tuning val top-1 per epoch, pre-trained vs random init (`reports/eval/finetune_curve.csv`).",
 }
 
 
+def masks_caption(report: dict[str, Any]) -> str:
+    """The mask figure's caption; it says when Hint reveals nothing (floor(show_max * r * P) = 0)."""
+    data = (report.get("figure_data") or {}).get("masks") or {}
+    revealed = data.get("hint_revealed")
+    if not revealed:
+        return MASKS_CAPTION
+    masking = report["masking"]
+    if not any(revealed):
+        return MASKS_CAPTION + (f" On this {data['patches']}-patch grid Hint reveals 0 patches (floor(show_max x r x P)"
+                                f" = floor({masking['show_max']:g} x {data['ratio']:g} x {data['patches']}) = 0, "
+                                "`pipeline/method/masking.py`), so its masks equal High's.")
+    return MASKS_CAPTION + f" Here Hint reveals {min(revealed)}-{max(revealed)} patch(es) per image (cyan outline)."
+
+
 def _figures(report: dict[str, Any]) -> list[str]:
     lines = ["## Figures", ""]
     for name, path in report["figures"].items():
-        lines += [f"**{name.replace('_', ' ')}.** {FIGURE_CAPTIONS.get(name, '')}", "", f"![{name}]({path})", ""]
+        caption = masks_caption(report) if name == "masks" else FIGURE_CAPTIONS.get(name, "")
+        lines += [f"**{name.replace('_', ' ')}.** {caption}", "", f"![{name}]({path})", ""]
     return lines
-
-
-def _other_reports(others: dict[str, str | None]) -> list[str]:
-    present = {name: summary for name, summary in others.items() if summary is not None}
-    if not present:
-        return []
-    lines = ["## Other reports", ""]
-    lines += [f"- [`{name}`]({name}): {summary}" for name, summary in present.items()]
-    return lines + [""]
 
 
 HOW_MADE = """## How this file is made
 
 `python -m stages.report` (run by `dvc repro` as the last stage, or by hand at any time) reads
 `reports/eval/*.json`, `reports/pretrain/{metrics.json,steps.csv}`, `data/shards/manifest.json`,
-the exported teacher `models/pretrain/backbone.safetensors` and the val shards, and writes:
+the exported teacher `models/pretrain/backbone.safetensors`, the val shards, the stages' machines
+(`reports/timing/*.json`) and the companion reports' JSON, and writes:
 
 - `reports/report.json` and `reports/figures/*.png`: DVC outputs, byte-identical on every rerun
   with the same params, data and commit (same machine kind and thread count);
-- this file, which also names the commit, sacred runs, machines and wall times. Those change
-  on every run, so this file is *not* a DVC output (that would break the rule that
-  `dvc repro --force` twice gives the same `dvc.lock`); it is tracked by git instead.
+- this file, which also names the commit whose pipeline inputs these are, the machines and
+  whether the companion reports are current. Those depend on git and on files outside the
+  stage's deps, so this file is *not* a DVC output; it is tracked by git instead. It holds no
+  date, clock reading or run id: a rerun of the same commit on the same kind of machine
+  writes the same bytes;
+- `reports/timing/summary.md`: the clock readings (machine-local, not tracked).
 """
 
 
 def render_readme(
     report: dict[str, Any],
-    commit: dict[str, Any],
-    machine: dict[str, Any],
-    timings: dict[str, dict[str, Any] | None],
-    others: dict[str, str | None],
+    provenance: Mapping[str, Any] | None,
+    timings: Mapping[str, dict[str, Any] | None],
+    companions: list[dict[str, Any]],
+    this_stage: str = "report",
+    this_machine: dict[str, Any] | None = None,
 ) -> str:
-    """``reports/README.md``: provenance header, result tables, figures, links to other reports."""
-    lines = _header(report, commit, machine, timings)
+    """``reports/README.md``: provenance header, stages, result tables, figures, companion reports' freshness.
+
+    Args:
+        provenance: :func:`pipeline.reporting.provenance.record` of this run (its date is not shown).
+        timings: stage -> its ``reports/timing/<stage>.json`` (None where absent); only machines are shown.
+        companions: :func:`companion_statuses`.
+        this_machine: :func:`pipeline.core.tracking.machine_info` of this process (the ``this_stage`` row).
+    """
+    lines = _header(report, provenance) + _stages(timings, this_stage, this_machine)
     lines += _results(report) + _fewshot(report) + _knn_all(report) + _pretraining(report)
-    lines += _figures(report) + _other_reports(others)
+    lines += _figures(report) + _companions(companions)
     return "\n".join(lines) + "\n" + HOW_MADE
-
-
-def write_report_json(report: dict[str, Any], path: Path) -> None:
-    write_json(report, path)

@@ -319,7 +319,7 @@ def test_strategy_budget_says_at_which_budget_high_and_low_separate():
 
     params = {"seed": 0, "pretrain": {"epochs": 4, "eval_every": 2}, "masking": {"strategy": "attmask_high"}}
     changed = with_overrides(params, 2, 12, "attmask_low")
-    assert changed == {"seed": 2, "pretrain": {"epochs": 12, "eval_every": 0}, "masking": {"strategy": "attmask_low"}}
+    assert changed == {"seed": 2, "pretrain": {"epochs": 12, "eval_every": 0, "min_steps": 0}, "masking": {"strategy": "attmask_low"}}
     assert params["pretrain"] == {"epochs": 4, "eval_every": 2}  # a copy, the input is untouched
 
     def run(seed, epochs, strategy, knn):
@@ -419,3 +419,51 @@ def test_feature_attributes_refuses_a_folder_it_has_no_generator_for(tmp_path):
     params = load_params("params.yaml", {"data.source": "imagefolder"})
     with pytest.raises(SystemExit, match="needs data.source: synthetic"):
         measure(params, tmp_path / "shards", tmp_path / "features", tmp_path / "checkpoint.pt", progress=False)
+
+
+# ------------------------------------------------------------ provenance and wording of bench.md
+def test_bench_md_says_where_each_data_file_came_from_and_collects_the_records(tmp_path):
+    from pipeline.reporting import provenance
+
+    record = provenance.record(tmp_path, inputs=("bench",), params_sha="p", threads=2)
+    machine = {"cpu": "Test CPU", "cpu_count": 2, "usable_cpus": 2, "torch_threads": 2, "memory_gib": 8.0, "gpu": None,
+               "packages": {}, "provenance": record}
+    (tmp_path / "pretrain_step.json").write_text(json.dumps({"machine": machine, "cases": {"embedded": _fake_case("cpu")}}))
+    (tmp_path / "masking.json").write_text(json.dumps({"machine": "x86_64", "batch_size": 8, "device": "cpu",
+                                                       "repeats": 1, "per_call": {}}))
+    results = render.load_results(tmp_path, tmp_path / "none")
+    section = "\n".join(render.provenance_section(results))
+    assert f"| `pretrain_step.json` | unknown: not a git checkout | {provenance.describe(record)['machine']} | " \
+           f"{record['date']} |" in section
+    assert (f"| `masking.json` | {provenance.UNKNOWN} | x86_64 (CPU model not recorded) | {provenance.UNKNOWN} |"
+            in section)
+    sources = render.provenance_document(results)["provenance"]["sources"]
+    assert sources == {"pretrain_step.json": record, "masking.json": None}
+
+
+def test_machine_info_records_the_provenance_of_the_benchmark_code():
+    from bench.machine import machine_info
+
+    record = machine_info()["provenance"]
+    assert record["input_paths"][-1] == "bench" and "bench/render.py" in record["inputs"]
+    assert "pipeline/reporting/provenance.py" in record["inputs"] and record["date"]
+
+
+def test_an_overhead_within_its_own_range_is_marked_noise_and_mfu_names_its_denominator():
+    case = _fake_case("cpu")
+    case["ratio_to_random"] = {"random": summarize([1.0]), "attmask_high": summarize([0.81, 0.88, 1.04]),
+                               "attmask_low": summarize([0.71, 0.90, 0.93])}
+    case["attmask_overhead_percent"] = {"attmask_high": -12.0, "attmask_low": -9.5}
+    notes = "\n".join(render.step_notes(case))
+    assert "attmask_high -12.0% (noise), attmask_low -9.5%." in notes
+    assert "the rate of a timed matmul, 72.7 TFLOP/s (test peak): the share of what a large matrix product" in notes
+    assert "0.880 (0.810-1.040, n=3) noise |" in "\n".join(render.step_table(case))
+    assert "attmask_high x0.880 (within its range: noise), attmask_low x0.900 (median" in render._step_line(case)
+    case["peak"] = {"tflops": 989.4, "source": "H100 SXM datasheet, dense bf16"}
+    assert "/ peak; peak 989 TFLOP/s (H100 SXM datasheet, dense bf16)." in "\n".join(render.step_notes(case))
+
+
+def test_the_timing_section_gives_repository_relative_paths():
+    timing = {"pretrain": {"wall_seconds": 1.0, "machine": {"device": "cpu"},
+                           "sacred_run": {"dir": "/some/machine/checkout/runs/sacred/pretrain/3"}}}
+    assert "| pretrain | 1.0 s | cpu | runs/sacred/pretrain/3 |" in "\n".join(render.timing_section({"timing": timing}))

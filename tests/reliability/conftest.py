@@ -4,7 +4,9 @@ Every test here carries ``@pytest.mark.fault_case(area, name)``. At the end of
 the session a table (cases tried, survived, files checked after a fault, data
 lost) is printed and, when the whole suite ran, written to
 ``reports/reliability.md`` and ``reports/reliability.json``: sorted, without
-times or paths, so the same outcomes give the same bytes. ``pretrain_reference``
+times or paths, so the same outcomes give the same bytes on the same day; both
+carry the provenance (commit, params, machine, date, input hashes) of the run
+(:mod:`pipeline.reporting.provenance`). ``pretrain_reference``
 is the uninterrupted run that interrupted ones are compared with.
 """
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.reporting import provenance
 from tests.reliability.support import (PRETRAIN_OPTIONS, PRETRAIN_OUTPUTS, REPO, PretrainReference, Snapshot,
                                        run_stage_in_process, snapshot)
 
@@ -153,7 +156,7 @@ def summary_lines(rows: list[dict[str, object]]) -> list[str]:
     return lines
 
 
-def render_markdown(rows: list[dict[str, object]]) -> str:
+def render_markdown(rows: list[dict[str, object]], record: dict | None = None) -> str:
     lines = [
         "# Reliability suite",
         "",
@@ -161,6 +164,7 @@ def render_markdown(rows: list[dict[str, object]]) -> str:
         "*Files checked* counts previously good files (or files that must equal an",
         "uninterrupted run's) compared byte for byte after the fault; *lost* counts those that were not.",
         "",
+        *provenance.header_lines(record),
         *summary_lines(rows),
     ]
     lines += ["", "| area | case | result | files checked | lost | note |", "|---|---|---|---|---|---|"]
@@ -187,9 +191,11 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
     if exitstatus == pytest.ExitCode.INTERRUPTED or not _complete():
         terminalreporter.write_line(f"partial run: {REPORT_MD.relative_to(REPO)} and .json not updated")
         return
+    record = provenance.record(REPO, params_sha=provenance.params_sha_of(REPO / "params.yaml"))
     REPORT_MD.parent.mkdir(parents=True, exist_ok=True)
-    REPORT_MD.write_text(render_markdown(rows))
-    REPORT_JSON.write_text(json.dumps({"totals": _totals(rows), "cases": rows}, indent=2, sort_keys=True) + "\n")
+    REPORT_MD.write_text(render_markdown(rows, record))
+    REPORT_JSON.write_text(json.dumps({"totals": _totals(rows), "cases": rows, "provenance": record}, indent=2,
+                                      sort_keys=True) + "\n")
     terminalreporter.write_line(f"written: {REPORT_MD.relative_to(REPO)}, {REPORT_JSON.relative_to(REPO)}")
 
 

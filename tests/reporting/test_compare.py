@@ -17,7 +17,8 @@ import pytest
 import yaml
 
 from pipeline.core.config import CompareConfig, ParamsError, params_from_dict, set_dotted
-from pipeline.reporting.compare import Experiment, Found, match, plan, render, wall_time_statement
+from pipeline.reporting import compare as compare_module
+from pipeline.reporting.compare import Experiment, Found, match, plan, render, rerender, wall_time_statement
 from stages import compare as compare_stage
 from tests.conftest import REPO
 
@@ -170,7 +171,7 @@ def test_ordering_is_checked_against_the_papers_pair_by_pair(two_seeds, tmp_path
     assert "+3.0 (paper: +1.7): agrees, within the seed spread" in lines["- `attmask_hint` vs `random`"]
     assert "-0.5 (paper: +2.7): disagrees, within the seed spread" in lines["- `block` vs `attmask_low`"]
     assert "+10.0 (paper: +5.7): agrees, beyond the seed spread" in lines["- `attmask_high` vs `attmask_low`"]
-    assert "4 of 5 pairs point the paper's way in the mean." in section
+    assert "4 of 5 compared pairs point the paper's way in the mean (1 the other way)." in section
 
 
 def test_wall_time_comes_from_the_experiments_finish_times():
@@ -390,3 +391,59 @@ def test_the_report_says_when_hint_cannot_reveal_anything():
     assert "reveals floor(0.1 x r x 16) = 0 patches" in hint_note(row, tiny)  # the embedded default: Hint = High
     paper = {"augment": {"global_size": 224}, "model": {"patch_size": 16}, "masking": {"show_max": 0.1}}
     assert hint_note(row, paper) == "On this 196-patch grid AttMask-Hint reveals up to 9 of the masked patches again."
+
+
+def identical_hint_metrics(experiment: Experiment) -> dict[str, Any]:
+    """As on the embedded 16-patch grid: Hint reveals nothing, so its runs are High's, value for value."""
+    row = "attmask_high" if experiment.row.name == "attmask_hint" else experiment.row.name
+    same = Experiment(next(r for r in config().strategies if r.name == row), experiment.seed, experiment.percent,
+                      experiment.overrides, experiment.expected)
+    metrics = fabricated_metrics(same)
+    if row in ("attmask_high", "attmask_low"):  # High and Low tie at +0.0 in the mean
+        metrics["knn"]["20"] = 25.0 + experiment.seed
+    return metrics
+
+
+def test_a_tie_points_no_way_and_hint_equal_to_high_by_construction_is_named_once(tmp_path):
+    cfg = config(seeds=[0, 1], data_shares=[100])
+    experiments = plan(RAW, cfg)
+    render(cfg, experiments, exp_show(experiments, metrics=identical_hint_metrics), tmp_path)
+    text = (tmp_path / "comparison.md").read_text()
+    hint_row = next(line for line in text.splitlines() if line.startswith("| AttMask-Hint (`attmask_hint`)"))
+    assert "| = AttMask-High | = AttMask-High | = AttMask-High | *49.5* |" in hint_row
+    assert "reveals floor(0.1 x r x 16) = 0 patches" in text and "not a second finding" in text
+    statement = text.split("### Which differences exceed the seed spread")[1].split("### ")[0]
+    assert "`attmask_hint` >" not in statement and "> `attmask_hint`" not in statement
+    assert "`attmask_high` (= `attmask_hint`)" in statement
+    assert "- `attmask_hint` (= `attmask_high`) vs `random`: 25.5 vs 22.5, +3.0" in text
+    order = text.split("### Against the paper's ordering")[1].split("## ")[0]
+    assert "- `attmask_high` vs `attmask_hint`: identical by construction on this grid (above), not a measured tie" in order
+    assert "- `attmask_high` (= `attmask_hint`) vs `attmask_low`: 25.5 vs 25.5, +0.0 (paper: +5.7): ties" in order
+    # High vs Hint is not compared; Hint > random and random > block agree, block < Low disagrees, High = Low ties
+    assert "2 of 4 compared pairs point the paper's way in the mean (1 tie, pointing no way; 1 the other way)." in order
+
+
+def test_the_chart_uses_display_names_merges_identical_rows_and_draws_the_floor(tmp_path, monkeypatch):
+    seen = {}
+    monkeypatch.setattr(compare_module, "plot_comparison", lambda summary, labels, *args: seen.update(
+        labels=labels, floor=summary["random_init"]))
+    cfg = config(seeds=[0, 1], data_shares=[100])
+    experiments = plan(RAW, cfg)
+    render(cfg, experiments, exp_show(experiments, metrics=identical_hint_metrics), tmp_path)
+    assert seen["labels"]["random_75"] == "random (MAE-style)"
+    assert seen["labels"]["attmask_high"] == "AttMask-High (= AttMask-Hint)" and "attmask_hint" not in seen["labels"]
+    assert seen["floor"]["knn"].mean == 11.5  # the random-init floor the chart draws
+
+
+def test_the_report_renders_again_from_its_json_keeping_the_recorded_provenance(two_seeds, tmp_path):
+    from pipeline.reporting.provenance import UNKNOWN, unknown_record
+
+    cfg, experiments = two_seeds
+    origin = {**unknown_record(), "date": "2025-01-01", "params_sha256": "ab" * 32}
+    render(cfg, experiments, exp_show(experiments), tmp_path, provenance=origin)
+    first = (tmp_path / "comparison.md").read_text()
+    assert "| date | 2025-01-01 |" in first and f"| commit | {UNKNOWN} |" in first
+    assert json.loads((tmp_path / "comparison.json").read_text())["provenance"] == origin
+    (tmp_path / "comparison.md").unlink()
+    rerender(tmp_path / "comparison.json")
+    assert (tmp_path / "comparison.md").read_text() == first  # no DVC, no experiments: the JSON alone

@@ -13,7 +13,7 @@ from pipeline.core.config import Params, params_from_dict
 from pipeline.core.strategies import MASKING_STRATEGIES
 from pipeline.method.backbone_export import create_backbone, random_backbone_state
 from pipeline.reporting.figures import (
-    figure_masks, mask_examples, pick_examples, plot_losses, plot_mask_figure, plot_masked_share, png_bytes,
+    MaskExamples, figure_masks, mask_examples, mask_figure_data, pick_examples, plot_losses, plot_mask_figure, plot_masked_share, png_bytes,
     read_csv_columns, save_png, teacher_attention,
 )
 from pipeline.method.model import MaskedViT
@@ -90,3 +90,23 @@ def test_read_csv_columns(tmp_path: Path) -> None:
     (tmp_path / "x.csv").write_text("step,loss\n0,1.5\n1,2.5\n")
     columns = read_csv_columns(tmp_path / "x.csv")
     assert list(columns) == ["step", "loss"] and columns["loss"].tolist() == [1.5, 2.5]
+
+
+def test_mask_figure_data_and_legend_say_what_the_figure_shows(tiny_examples: Any) -> None:
+    _, _, examples = tiny_examples
+    data = mask_figure_data(examples)
+    assert data["patches"] == 16 and data["hint_revealed"] == [0, 0, 0]  # floor(0.1 x 0.3 x 16) = 0
+    assert all(r >= 1 for r in data["attention_max_over_min"]) and all(0 < e <= 1 for e in data["attention_entropy"])
+    title = plot_mask_figure(examples)._suptitle.get_text()
+    assert "AttMask-Hint reveals 0 patches here" in title and "cyan" not in title
+
+    attention = torch.rand(2, 64, generator=torch.Generator().manual_seed(0)).softmax(-1)
+    masks = {s: m.numpy() for s, m in figure_masks(attention, (8, 8), ratio=0.5, show_max=0.5, seed=0).items()}
+    revealing = MaskExamples(images=np.zeros((2, 32, 32, 3)), attention=attention.view(2, 8, 8).numpy(), masks=masks,
+                             names=["a", "b"], count=32, ratio=0.5)
+    assert mask_figure_data(revealing)["hint_revealed"] == [16, 16]  # floor(0.5 x 0.5 x 64)
+    assert "cyan outline = hint revealed" in plot_mask_figure(revealing)._suptitle.get_text()
+    flat = MaskExamples(images=np.zeros((1, 32, 32, 3)), attention=np.full((1, 8, 8), 1 / 64, np.float32),
+                        masks={}, names=["a"], count=32, ratio=0.5)
+    assert mask_figure_data(flat)["attention_max_over_min"] == [1.0]
+    assert mask_figure_data(flat)["attention_entropy"] == [1.0]

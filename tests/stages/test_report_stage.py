@@ -43,8 +43,10 @@ def test_stage_outputs_are_byte_identical_on_rerun(
                           "reports/figures/masked_share.png", "reports/report.json"}
     assert outputs() == first
     readme = Path("reports/README.md").read_text()
-    assert "![masks](figures/masks.png)" in readme and "`runs/sacred/pretrain/7`" in readme
-    assert "| shard | not recorded |" in readme
+    assert "![masks](figures/masks.png)" in readme and "| shard | - | none on this machine" in readme
+    assert "runs/sacred" not in readme  # run ids and clock readings go to the timing summary instead
+    assert "| pretrain | `runs/sacred/pretrain/7` | 5.0 s |" in Path("reports/timing/summary.md").read_text()
+    assert json.loads(Path("reports/report.json").read_text())["figure_data"]["masks"]["patches"] == 16
 
 
 def test_metrics_carry_pretrain_throughput_from_the_timing_file(tmp_path: Path) -> None:
