@@ -41,6 +41,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from bench.machine import machine_info
 from pipeline.core.config import AugmentConfig
 from pipeline.data.augment import build_multicrop
 from pipeline.data.shard_reader import VERIFY_LEVELS, ShardDataset, open_split
@@ -245,7 +246,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", type=Path, default=OUTPUT)
     args = parser.parse_args(argv)
     if args.multicrop_only:
-        report = {"multicrop": multicrop(tuple(args.workers)), "cpu_count": os.cpu_count(), "machine": platform.machine()}
+        report = {"multicrop": multicrop(tuple(args.workers)), "cpu_count": os.cpu_count(), "machine": machine_info()}
         _print_multicrop(report["multicrop"])
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2) + "\n")
@@ -266,7 +267,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "multicrop": multicrop(tuple(args.workers)),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
-        "machine": platform.machine(),
+        "machine": machine_info(),
         "python": platform.python_version(),
     }
     print(f"data bench: {files} JPEGs {IMAGE_SIZE}px, {os.cpu_count()} CPUs")

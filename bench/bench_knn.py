@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from bench.machine import machine_info
 from pipeline.core.seeding import make_generator
 from pipeline.evaluation.knn import weighted_knn
 from bench.memory import PeakMemory
@@ -115,7 +116,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
-        "machine": platform.machine(),
+        "machine": machine_info(),
         "processor": platform.processor(),
         "cases": cases,
     }

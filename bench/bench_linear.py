@@ -29,6 +29,7 @@ from PIL import Image
 from bench import estimate
 from bench.bench_data import smooth_photo
 from bench.flops import backbone_forward_flops
+from bench.machine import machine_info
 from bench.stats import summarize
 from pipeline.core.config import ModelConfig
 from pipeline.evaluation.extract import vit_features
@@ -126,7 +127,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     loader = time_loader_transform(args.repeats)
     # a measured GPU rate when the GPU harness has run, else the labelled assumption
     rate = estimate.gpu_rate(estimate.load(BENCH_DIR / "gpu_step.json"), estimate.load(BENCH_DIR / "gpu_batch.json"))
-    report = {"case": CASE, "threads": torch.get_num_threads(), "head_step_seconds": head, "head_batch": args.head_batch,
+    report = {"machine": machine_info(), "case": CASE, "threads": torch.get_num_threads(), "head_step_seconds": head, "head_batch": args.head_batch,
               "backbone_batch_seconds": backbone, "backbone_batch": args.backbone_batch, "loader": loader,
               **project(head, backbone, loader, args.head_batch, args.backbone_batch, rate["tflops"], rate["source"])}
     args.out.parent.mkdir(parents=True, exist_ok=True)

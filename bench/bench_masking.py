@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from bench.machine import machine_info
 from pipeline.core.config import MaskingConfig
 from pipeline.core.seeding import make_generator
 from pipeline.core.strategies import MASKING_STRATEGIES
@@ -64,7 +65,7 @@ def main() -> dict:
         "device": str(device),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
-        "machine": platform.machine(),
+        "machine": machine_info(),
         "processor": platform.processor(),
         "config": "ratio 0.3 +- 0.2, prob 0.5, show_max 0.1 (MaskingConfig defaults)",
         "per_call": results,

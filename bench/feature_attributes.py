@@ -31,6 +31,7 @@ import torch
 from sklearn.metrics import normalized_mutual_info_score
 from tqdm import tqdm
 
+from bench.machine import machine_info
 from pipeline.core.config import Params, load_params
 from pipeline.core.seeding import derive_seed
 from pipeline.data.shard_reader import ShardSplit, open_split
@@ -158,6 +159,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     params = load_params(args.params)
     torch.set_num_threads(params.threads)
     result = measure(params, Path(args.shards), Path(args.features), Path(args.checkpoint))
+    result["machine"] = machine_info()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
     print(json.dumps({"knn": result["knn"], "clusters": result["clusters"]}, indent=1))

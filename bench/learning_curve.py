@@ -102,7 +102,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         points.append(point)
         print(f"  {epochs:3d} epochs, {point['minutes']:5.1f} min: k-NN@20 {point['knn']['pretrained']:.1f}, "
               f"+{point['gap']['random_init']:.1f} over random init, {point['gap']['pixels']:+.1f} over pixels", flush=True)
-    report = {"target": TARGET, "k": int(K), "seed": params["seed"], "points": points,
+    from bench.machine import machine_info  # torch only when the bench runs, not when its helpers are imported
+
+    report = {"machine": machine_info(), "target": TARGET, "k": int(K), "seed": params["seed"], "points": points,
               "crosses_at_minutes": {base: crossing(points, base) for base in ("random_init", "pixels")}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")

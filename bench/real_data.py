@@ -32,6 +32,7 @@ import yaml
 from PIL import Image
 
 from bench.learning_curve import run_stages
+from bench.machine import machine_info
 
 OUTPUT = Path("reports/bench/real_data.json")
 DATASET_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -148,7 +149,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"  {per_class} per class ({row['train_images']} images, {row['steps']} steps, {row['minutes']:.1f} min): "
               f"k-NN {row['knn']['pretrained']:.1f} / random init {row['knn']['random_init']:.1f} / "
               f"pixels {row['knn']['pixels']:.1f}", flush=True)
-    report = {"dataset": "Fashion-MNIST (Debian dataset-fashion-mnist)", "image_size": IMAGE_SIZE,
+    report = {"machine": machine_info(), "dataset": "Fashion-MNIST (Debian dataset-fashion-mnist)", "image_size": IMAGE_SIZE,
               "val_per_class": VAL_PER_CLASS, "seed": params["seed"], "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")

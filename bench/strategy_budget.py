@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 
 from bench.learning_curve import knn_and_minutes, run_stages
+from bench.machine import machine_info
 from pipeline.reporting.compare import Stat, exceeds_spread
 
 OUTPUT = Path("reports/bench/strategy_budget.json")
@@ -97,7 +98,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     finally:
         shutil.rmtree(scratch_root, ignore_errors=True)
     budgets = sorted({r["epochs"] for r in runs})
-    report = {"k": 20, "seeds": sorted({r["seed"] for r in runs}), "paper_gap": PAPER_GAP, "runs": runs,
+    report = {"machine": machine_info(), "k": 20, "seeds": sorted({r["seed"] for r in runs}), "paper_gap": PAPER_GAP, "runs": runs,
               "budgets": summarise(runs, budgets)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
