@@ -1,4 +1,4 @@
-"""DVC stage `metrics`: reports/eval/*.json + reports/pretrain/*.json (+ timing) -> reports/metrics.json.
+"""DVC stage `metrics`: reports/eval/*.json + reports/pretrain/metrics.json -> reports/metrics.json.
 
     python -m stages.metrics
 """
@@ -6,13 +6,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline.reporting.metrics import collect_metrics, read_timings, write_metrics
-from stages.paths import EVAL_REPORTS, METRICS, PRETRAIN_REPORTS, TIMING
+from pipeline.reporting.metrics import collect_metrics, write_metrics
+from stages.paths import EVAL_REPORTS, METRICS, PRETRAIN_REPORTS
 
 
 
 def main() -> dict[str, Any]:
-    metrics = collect_metrics(EVAL_REPORTS, PRETRAIN_REPORTS, timing=read_timings(TIMING, ["pretrain"])["pretrain"])
+    metrics = collect_metrics(EVAL_REPORTS, PRETRAIN_REPORTS)
     write_metrics(metrics, METRICS)
     knn = ", ".join(f"k={k}: {v:.1f}" for k, v in metrics["knn"].items())
     print(f"metrics: k-NN top-1 {knn}; linear {metrics['linear']['top1']:.1f}; "

@@ -6,18 +6,21 @@
 ``linear_sgd`` ``{"top1", "best_top1"}`` of the official SGD probe (only when ``linear_sgd.enabled``;
              ``best_top1`` is the number the official script reports)
 ``finetune`` ``{"top1": ...}`` of end-to-end fine-tuning
-``pretrain`` final losses and masked share, plus images/s and wall seconds copied from
-             ``reports/timing/pretrain.json`` (clock readings: that is why ``reports/metrics.json``
-             is a top-level DVC metric, not a stage output, so reruns keep identical dvc.lock hashes)
+``pretrain`` final losses, masked share and steps (clock readings stay in ``reports/timing/``)
 ``baselines`` the same evaluations of the random-init backbone and raw pixels
+``margins``  pre-trained minus random init (and raw pixels, k-NN) per headline measure, the
+             noise band and a verdict (:func:`gain_margins`), for ``dvc exp show``
 """
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 from pipeline.core.files import write_json
+
+HEADLINE_K = "20"  # the k of the report's headline k-NN (the DINO protocol's)
 
 
 def read_optional(path: Path) -> dict[str, Any] | None:
@@ -31,8 +34,42 @@ def _read(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def collect_metrics(eval_dir: Path, pretrain_dir: Path, variant: str = "pretrained",
-                    timing: dict[str, Any] | None = None) -> dict[str, Any]:
+GAIN, NO_GAIN, WORSE = "gain", "no measurable gain", "below random init"
+NOISE_SE = 2.0  # a margin within 2 standard errors of zero cannot be told from it
+
+
+def noise_band(a: float, b: float, n: int) -> float:
+    """``NOISE_SE`` standard errors of the difference of two top-1 accuracies (%) on ``n`` images each.
+
+    The binomial spread of each accuracy on the val split: a floor under the
+    spread over seeds (which adds the training's own noise), so a margin inside
+    it is never called a gain.
+    """
+    return NOISE_SE * math.sqrt((a * (100 - a) + b * (100 - b)) / max(n, 1))
+
+
+def gain_margins(table: dict[str, dict[str, float | None]], num_val: int) -> dict[str, dict[str, Any]]:
+    """Per headline measure (knn, linear, finetune): pre-trained minus random init, its noise band and verdict.
+
+    ``table``: variant (pretrained, random_init, pixels) -> measure -> top-1 (%).
+    The verdict is :data:`GAIN`, :data:`NO_GAIN` (within the band either way) or
+    :data:`WORSE` (below by more than the band). k-NN also gets ``over_pixels``.
+    """
+    ours, random_init, pixels = (table.get(v) or {} for v in ("pretrained", "random_init", "pixels"))
+    margins: dict[str, dict[str, Any]] = {}
+    for measure in ("knn", "linear", "finetune"):
+        a, b = ours.get(measure), random_init.get(measure)
+        if a is None or b is None:
+            continue
+        margin, band = a - b, noise_band(a, b, num_val)
+        verdict = GAIN if margin > band else WORSE if margin < -band else NO_GAIN
+        margins[measure] = {"over_random_init": round(margin, 4), "noise": round(band, 4), "verdict": verdict}
+        if measure == "knn" and pixels.get("knn") is not None:
+            margins[measure]["over_pixels"] = round(a - pixels["knn"], 4)
+    return margins
+
+
+def collect_metrics(eval_dir: Path, pretrain_dir: Path, variant: str = "pretrained") -> dict[str, Any]:
     """One flat-ish dict of the headline numbers, readable by ``dvc metrics show``."""
     knn = _read(eval_dir / "knn.json")
     fewshot = _read(eval_dir / "fewshot.json")
@@ -66,11 +103,16 @@ def collect_metrics(eval_dir: Path, pretrain_dir: Path, variant: str = "pretrain
         "final_loss_cls": pretrain["final_loss_cls"],
         "final_loss_patch": pretrain["final_loss_patch"],
         "masked_share": pretrain["masked_share"],
+        "steps": pretrain["steps"],
+        "epochs": pretrain["epochs"],
     }
-    if timing is not None:  # the public keys, README "The pipeline"; absent when pretrain ran without a record
-        metrics["pretrain"]["images_per_second"] = timing.get("images_per_second")
-        metrics["pretrain"]["wall_seconds"] = timing.get("wall_seconds")
     metrics["baselines"] = {name: evaluations(name) for name in ("random_init", "pixels") if evaluations(name)}
+    k = HEADLINE_K if HEADLINE_K in metrics["knn"] else next(iter(metrics["knn"]))
+    table = {name: {"knn": (entry.get("knn") or {}).get(k), "linear": (entry.get("linear") or {}).get("top1"),
+                    "finetune": (entry.get("finetune") or {}).get("top1")}
+             for name, entry in {variant: metrics, **metrics["baselines"]}.items()}
+    metrics["margins"] = gain_margins({("pretrained" if n == variant else n): row for n, row in table.items()},
+                                      knn[variant]["num_val"])
     return metrics
 
 

@@ -18,7 +18,7 @@ from typing import Any, Mapping
 from pipeline.core.config import MaskingConfig, Params
 from pipeline.core.files import sha256_file, write_json
 from pipeline.core.strategies import strategy_label
-from pipeline.reporting.metrics import read_optional
+from pipeline.reporting.metrics import GAIN, HEADLINE_K, WORSE, gain_margins, read_optional
 from pipeline.reporting.paper import PAPER_FEWSHOT, PAPER_SOURCE, PAPER_TABLE
 # format_environment lives in provenance; imported here too because older callers read it from this module
 from pipeline.reporting.provenance import format_environment, header_lines, judge, params_sha256  # noqa: F401
@@ -27,7 +27,6 @@ REPORT_FORMAT = 2
 REPORT_VARIANTS = ("pretrained", "random_init", "pixels")
 VARIANT_LABELS = {"pretrained": "pre-trained (this run)", "random_init": "random init", "pixels": "raw pixels"}
 EVAL_FILES = ("knn", "fewshot", "linear", "finetune")
-HEADLINE_K = "20"  # DINO/iBOT report k-NN at k = 20
 
 # The supervised reference: the same ViT, trained with labels from random init on the
 # same train split and budget. It *is* the finetune stage's random_init run, so it is
@@ -114,6 +113,7 @@ def collect_report(
         "data": data,
         "knn_k": int(headline_k),
         "table": table,
+        "margins": gain_margins(table, next(iter(knn.values()))["num_val"]) if knn else {},
         "knn": {v: {"top1": r["top1"], "top5": r["top5"], "temperature": r["temperature"]} for v, r in knn.items()},
         "fewshot": {
             v: {s: {"mean": r["mean"], "std": r["std"], "draws": len(r["runs"])} for s, r in per_shot.items() if s != "skipped"}
@@ -206,6 +206,45 @@ def _header(report: dict[str, Any], provenance: Mapping[str, Any] | None) -> lis
         *header_lines({**(provenance or {}), "params_sha256": report["params_sha256"]},
                       extra=[("data manifest", data_text)], date=False),
     ]
+
+
+MEASURE_NAMES = {"knn": "k-NN", "linear": "the linear probe", "finetune": "fine-tuning"}
+
+
+def _verdict(report: dict[str, Any]) -> list[str]:
+    """A loud warning when pre-training did not beat random init beyond noise; nothing when it did everywhere."""
+    margins = report.get("margins") or {}
+    weak = {m: v for m, v in margins.items() if v["verdict"] != GAIN}
+    if not weak:
+        return []
+    worse = [m for m, v in weak.items() if v["verdict"] == WORSE]
+    table = report["table"]
+
+    def phrase(measure: str) -> str:
+        entry = margins[measure]
+        ours, theirs = table["pretrained"][measure], table["random_init"][measure]
+        return (f"{MEASURE_NAMES[measure]} {entry['over_random_init']:+.1f} points ({ours:.1f} against {theirs:.1f}, "
+                f"noise ±{entry['noise']:.1f})")
+
+    title = ("**Pre-training made these features worse than random init.**" if worse
+             else "**No measurable gain from pre-training.**")
+    pretrain = report.get("pretrain") or {}
+    causes = []
+    if pretrain.get("steps") is not None:
+        causes.append(f"the budget: {pretrain['steps']} steps (`pretrain.epochs`, `pretrain.min_steps`; the embedded "
+                      "data's k-NN curve needs about 80 to plateau)")
+    curve = pretrain.get("knn_during_training") or {}
+    if curve:
+        causes.append("the k-NN curve while training (`reports/pretrain/knn.csv`): "
+                      + ", ".join(f"epoch {e}: {v:.1f}" for e, v in sorted(curve.items(), key=lambda kv: int(kv[0]))))
+    if pretrain.get("final_loss_cls") is not None:
+        causes.append(f"the [CLS] loss: {pretrain['final_loss_cls']:.3f} at the end against "
+                      f"ln(out_dim) = {report['uniform_cls_loss']:.3f} for a uniform teacher (close: little learned)")
+    return ["", f"{title} Pre-trained minus random init: " + "; ".join(phrase(m) for m in weak) + ". "
+            "Noise: 2 binomial standard errors of the difference on the val images, a floor under the seed "
+            "spread. Likely causes to check: " + "; ".join(causes) + ". To try: more steps (raise "
+            "`pretrain.min_steps` or `pretrain.epochs`), more images, or the comparison of strategies "
+            "(`make compare`) to see whether the recipe learns on this data at all."]
 
 
 def _stages(timings: Mapping[str, dict[str, Any] | None], this_stage: str, this_machine: dict[str, Any] | None) -> list[str]:
@@ -461,7 +500,9 @@ def render_readme(
         companions: :func:`companion_statuses`.
         this_machine: :func:`pipeline.core.tracking.machine_info` of this process (the ``this_stage`` row).
     """
-    lines = _header(report, provenance) + _stages(timings, this_stage, this_machine)
+    lines = _header(report, provenance)
+    lines[1:1] = _verdict(report)  # right under the title: the first thing a reader sees
+    lines += _stages(timings, this_stage, this_machine)
     lines += _results(report) + _fewshot(report) + _knn_all(report) + _pretraining(report)
     lines += _figures(report) + _companions(companions)
     return "\n".join(lines) + "\n" + HOW_MADE

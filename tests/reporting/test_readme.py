@@ -14,9 +14,9 @@ from pipeline.reporting.readme import (
 
 # ------------------------------------------------------------------ fabricated inputs
 KNN = {
-    "pretrained": {"top1": {"10": 60.0, "20": 61.2}, "top5": {"10": 90.0, "20": 91.0}, "temperature": 0.07},
-    "random_init": {"top1": {"10": 20.0, "20": 21.5}, "top5": {"10": 50.0, "20": 51.0}, "temperature": 0.07},
-    "pixels": {"top1": {"10": 15.0, "20": 14.4}, "top5": {"10": 45.0, "20": 44.0}, "temperature": 0.07},
+    "pretrained": {"top1": {"10": 60.0, "20": 61.2}, "top5": {"10": 90.0, "20": 91.0}, "temperature": 0.07, "num_val": 500},
+    "random_init": {"top1": {"10": 20.0, "20": 21.5}, "top5": {"10": 50.0, "20": 51.0}, "temperature": 0.07, "num_val": 500},
+    "pixels": {"top1": {"10": 15.0, "20": 14.4}, "top5": {"10": 45.0, "20": 44.0}, "temperature": 0.07, "num_val": 500},
 }
 FEWSHOT = {
     variant: {"1": {"k": 10, "mean": mean, "std": 1.5, "runs": [mean] * 5},
@@ -253,3 +253,23 @@ def test_ratio_label_and_machine() -> None:
     assert ratio_label(params(masking={"strategy": "random", "ratio": 0.75, "ratio_var": 0.0}).masking) == "75%"
     assert format_machine({"device": "cuda", "gpu": "H100", "gpu_count": 8, "threads": 16}) == "cuda (H100) x8, 16 threads"
     assert format_machine(None) == "not recorded"
+
+
+def test_a_run_below_random_init_says_so_in_its_first_lines(tmp_path):
+    """The small-folder case: pre-trained k-NN 10 points under random init, the probe within noise."""
+    import copy
+
+    report, text = render(tmp_path / "good")
+    assert report["margins"]["knn"]["verdict"] == "gain" and "random init" not in "\n".join(text.splitlines()[:3])
+
+    worse = copy.deepcopy(report)
+    worse["table"]["pretrained"].update(knn=49.6, linear=81.6)
+    worse["table"]["random_init"].update(knn=59.7, linear=86.1)
+    from pipeline.reporting.metrics import gain_margins
+
+    worse["margins"] = gain_margins(worse["table"], 500)
+    first = render_readme(worse, PROVENANCE, {"pretrain": None}, [], this_machine=MACHINE).splitlines()[2]
+    assert first.startswith("**Pre-training made these features worse than random init.**")
+    assert "k-NN -10.1 points (49.6 against 59.7, noise ±6.3)" in first
+    assert "the linear probe -4.5 points" in first and "fine-tuning" not in first
+    assert "steps" in first and "ln(out_dim)" in first and "`pretrain.min_steps`" in first

@@ -49,15 +49,25 @@ def test_stage_outputs_are_byte_identical_on_rerun(
     assert json.loads(Path("reports/report.json").read_text())["figure_data"]["masks"]["patches"] == 16
 
 
-def test_metrics_carry_pretrain_throughput_from_the_timing_file(tmp_path: Path) -> None:
-    from pipeline.reporting.metrics import collect_metrics
+def test_metrics_carry_the_margins_over_random_init_and_no_clock_readings(tmp_path: Path) -> None:
+    import math
+
+    from pipeline.reporting.metrics import collect_metrics, gain_margins, noise_band
 
     eval_dir, pretrain_dir, _ = write_inputs(tmp_path)
-    timing = {"stage": "pretrain", "wall_seconds": 487.5, "images_per_second": 32.5}
-    metrics = collect_metrics(eval_dir, pretrain_dir, timing=timing)
-    assert metrics["pretrain"]["images_per_second"] == 32.5
-    assert metrics["pretrain"]["wall_seconds"] == 487.5
-    assert "images_per_second" not in collect_metrics(eval_dir, pretrain_dir)["pretrain"]
+    metrics = collect_metrics(eval_dir, pretrain_dir)
+    assert not {"images_per_second", "wall_seconds"} & set(metrics["pretrain"])  # reports/metrics.json is git-tracked
+    assert set(metrics["margins"]) == {"knn", "linear", "finetune"}
+    # two accuracies of 50% on 100 images: 2 * sqrt((2500 + 2500) / 100) = 14.1 points of noise
+    assert noise_band(50.0, 50.0, 100) == 2 * math.sqrt(50.0)
+    table = {"pretrained": {"knn": 49.6, "linear": 81.6, "finetune": 40.0}, "random_init": {"knn": 59.7, "linear": 86.1,
+             "finetune": 39.0}, "pixels": {"knn": 98.0}}
+    margins = gain_margins(table, num_val=500)
+    assert margins["knn"] == {"over_random_init": -10.1, "noise": round(noise_band(49.6, 59.7, 500), 4),
+                              "verdict": "below random init", "over_pixels": -48.4}
+    assert margins["linear"]["verdict"] == "no measurable gain"  # -4.5, within the 4.7-point band on 500 images
+    assert margins["finetune"]["verdict"] == "no measurable gain"
+    assert gain_margins({"pretrained": {"knn": 33.6}, "random_init": {"knn": 16.4}}, 500)["knn"]["verdict"] == "gain"
 
 
 def test_metrics_hold_the_official_sgd_probe_beside_the_logistic_one_when_it_ran(tmp_path: Path) -> None:
