@@ -114,19 +114,24 @@ def run_size(per_class: int, dataset: Path, params: dict[str, Any], scratch: Pat
     start = time.perf_counter()
     run_stages(params, Path(), scratch / "work", stages=STAGES)
     minutes = (time.perf_counter() - start) / 60
-    metrics = json.loads((scratch / "work" / "reports" / "metrics.json").read_text())
-    training = json.loads((scratch / "work" / "reports" / "pretrain" / "metrics.json").read_text())
+    return {"per_class": per_class, "train_images": counts["train"], "val_images": counts["val"],
+            **headline_row(scratch / "work", params), "minutes": minutes}
+
+
+def headline_row(work: Path, params: dict[str, Any]) -> dict[str, Any]:
+    """The headline numbers of a finished pipeline in ``work``: each measure pre-trained / random init (/ pixels)."""
+    metrics = json.loads((work / "reports" / "metrics.json").read_text())
+    training = json.loads((work / "reports" / "pretrain" / "metrics.json").read_text())
     random_init, pixels = metrics["baselines"]["random_init"], metrics["baselines"]["pixels"]
     shot = str(max(int(s) for s in metrics["fewshot"]))
     return {
-        "per_class": per_class, "train_images": counts["train"], "val_images": counts["val"],
         "steps": training["steps"], "epochs": training["epochs"],
         "knn": {"pretrained": metrics["knn"]["20"], "random_init": random_init["knn"]["20"], "pixels": pixels["knn"]["20"]},
         "linear": {"pretrained": metrics["linear"]["top1"], "random_init": random_init["linear"]["top1"]},
         "finetune": {"pretrained": metrics["finetune"]["top1"], "random_init": random_init["finetune"]["top1"]},
         "fewshot": {"shots": int(shot), "pretrained": metrics["fewshot"][shot], "random_init": random_init["fewshot"][shot]},
         "final_loss_cls": training["final_loss_cls"], "uniform_loss": math.log(params["model"]["out_dim"]),
-        "minutes": minutes,
+        "margins": metrics["margins"],
     }
 
 

@@ -26,7 +26,7 @@ BENCH_DIR = Path("reports/bench")
 TIMING_DIR = Path("reports/timing")
 OUTPUT = Path("reports/bench.md")
 PROVENANCE = BENCH_DIR / "provenance.json"
-FILES = ("run", "pretrain_step", "data", "knn", "linear_sgd", "learning_curve", "learning_curve_long", "strategy_budget", "feature_attributes", "masking", "numerics", "gpu_correctness", "gpu_step", "gpu_batch", "gpu_data", "knn_cuda",
+FILES = ("run", "pretrain_step", "data", "knn", "linear_sgd", "learning_curve", "learning_curve_long", "strategy_budget", "feature_attributes", "seeds", "real_data", "masking", "numerics", "gpu_correctness", "gpu_step", "gpu_batch", "gpu_data", "knn_cuda",
          "gpu_compile")
 # make repro's stages, in pipeline order (a stage without a timing file is listed as not measured yet)
 STAGES = ("generate", "shard", "pretrain", "extract", "knn", "fewshot", "linear", "linear_sgd", "finetune", "metrics",
@@ -386,6 +386,61 @@ def learning_curve_section(results: dict[str, Any]) -> list[str]:
     return lines + [""]
 
 
+def _headline_cells(row: dict[str, Any]) -> str:
+    knn, linear, finetune, fewshot = row["knn"], row["linear"], row["finetune"], row["fewshot"]
+    return (f"{knn['pretrained']:.1f} / {knn['random_init']:.1f} / {knn['pixels']:.1f} | "
+            f"{linear['pretrained']:.1f} / {linear['random_init']:.1f} | "
+            f"{finetune['pretrained']:.1f} / {finetune['random_init']:.1f} | "
+            f"{fewshot['pretrained']:.1f} / {fewshot['random_init']:.1f}")
+
+
+def _verdicts(row: dict[str, Any]) -> str:
+    """The measures that did not gain beyond noise (``reports/metrics.json`` margins), or ``gain``."""
+    weak = [f"{m}: {v['verdict']}" for m, v in (row.get("margins") or {}).items() if v["verdict"] != "gain"]
+    return "; ".join(weak) or "gain on k-NN, probe and fine-tune"
+
+
+HEADLINE_COLUMNS = ("k-NN@20 pre-trained / random init / raw pixels | linear probe | fine-tune | few-shot 20/class")
+
+
+def seeds_section(results: dict[str, Any]) -> list[str]:
+    result = results.get("seeds")
+    lines = ["## Embedded default at three seeds", ""]
+    if not result:
+        return lines + ["Not measured yet: `python -m bench.seeds` after `make repro` (~15 min).", ""]
+    rows = result["rows"]
+    lines += ["`params.yaml` with only `seed` changed (the seed changes the generated images, the initialisation and "
+              "every random draw); top-1 (%) on the 500 val images, chance 10%. Pre-trained / random init "
+              "(/ raw pixels for k-NN).", "",
+              f"| seed | steps | {HEADLINE_COLUMNS} | below the margin floor |", "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        lines.append(f"| {row['seed']} | {row['steps']} | {_headline_cells(row)} | {_verdicts(row)} |")
+    mean = {m: Stat(tuple(r[m]["pretrained"] for r in rows)) for m in ("knn", "linear", "finetune")}
+    over = Stat(tuple(r["knn"]["pretrained"] - r["knn"]["random_init"] for r in rows))
+    over_pixels = Stat(tuple(r["knn"]["pretrained"] - r["knn"]["pixels"] for r in rows))
+    return lines + ["", f"- mean ± sd over {len(rows)} seeds: k-NN {mean['knn'].text()}, linear {mean['linear'].text()}, "
+                        f"fine-tune {mean['finetune'].text()}; k-NN over random init {over.text()}, over raw pixels "
+                        f"{over_pixels.text()}.", ""]
+
+
+def real_data_section(results: dict[str, Any]) -> list[str]:
+    result = results.get("real_data")
+    lines = ["## The default pipeline on real photos (Fashion-MNIST)", ""]
+    if not result:
+        return lines + ["Not measured yet: `make bench-real` (~12 min; installs Debian's `dataset-fashion-mnist`).", ""]
+    lines += [f"{result['dataset']}: ImageNet-layout folders of 10 clothing classes, the 28 px grey photos upsampled to "
+              f"{result['image_size']} px RGB, {result['val_per_class']} val images per class; `params.yaml` changed only "
+              "in `data.source` and `data.root`. Top-1 (%), pre-trained / random init (/ raw pixels for k-NN); the "
+              "verdicts are the report's (margin against 2 binomial standard errors on the val images).", "",
+              f"| train images (steps) | {HEADLINE_COLUMNS} | [CLS] loss (uniform) | verdict | wall time |",
+              "|---|---|---|---|---|---|---|---|"]
+    for row in result["rows"]:
+        lines.append(f"| {row['train_images']} ({row['steps']}) | {_headline_cells(row)} | "
+                     f"{row['final_loss_cls']:.2f} ({row['uniform_loss']:.2f}) | {_verdicts(row)} | "
+                     f"{row['minutes']:.1f} min |")
+    return lines + [""]
+
+
 def strategy_budget_section(results: dict[str, Any]) -> list[str]:
     result = results.get("strategy_budget")
     lines = ["## AttMask-High against AttMask-Low by pre-training budget", ""]
@@ -572,7 +627,7 @@ def render(results: dict[str, Any]) -> str:
     if run.get("quick"):
         lines += ["**Smoke run (`python -m bench --quick`): small sizes and few repeats; these CPU figures are not for "
                   "quoting. `make bench` on a quiet machine replaces them.**", ""]
-    for section in (provenance_section, machine_section, learning_curve_section, strategy_budget_section, feature_attributes_section,
+    for section in (provenance_section, machine_section, seeds_section, real_data_section, learning_curve_section, strategy_budget_section, feature_attributes_section,
                     pretrain_section, gpu_checks_section, data_section,
                     knn_section, linear_sgd_section, masking_section,
                     numerics_section, timing_section, estimate_section):

@@ -39,3 +39,22 @@ def test_the_folder_holds_the_first_images_of_each_class_as_rgb_pngs(tmp_path):
     assert image.mode == "RGB" and image.size == (48, 48)
     with pytest.raises(ValueError, match=r"classes \[0, 1\] have fewer than 4 images"):
         write_imagefolder(tmp_path / "more", {"train": (images, labels)}, {"train": 4}, class_names=names)
+
+
+def test_bench_md_renders_both_folder_sizes_with_the_reports_verdicts():
+    from bench.render import real_data_section, seeds_section
+
+    def row(knn, random_knn, verdict):
+        return {"train_images": 1400, "steps": 150, "knn": {"pretrained": knn, "random_init": random_knn, "pixels": 98.0},
+                "linear": {"pretrained": 81.6, "random_init": 86.1}, "finetune": {"pretrained": 30.2, "random_init": 37.3},
+                "fewshot": {"shots": 20, "pretrained": 34.6, "random_init": 38.9}, "final_loss_cls": 4.17,
+                "uniform_loss": 4.159, "minutes": 5.0, "seed": 0,
+                "margins": {"knn": {"verdict": verdict}, "linear": {"verdict": "no measurable gain"}}}
+
+    result = {"dataset": "Fashion-MNIST", "image_size": 48, "val_per_class": 50,
+              "rows": [row(49.6, 59.7, "below random init"), row(65.0, 56.8, "gain")]}
+    lines = real_data_section({"real_data": result})
+    assert ("| 1400 (150) | 49.6 / 59.7 / 98.0 | 81.6 / 86.1 | 30.2 / 37.3 | 34.6 / 38.9 | 4.17 (4.16) | "
+            "knn: below random init; linear: no measurable gain | 5.0 min |") in lines
+    assert any(line.startswith("- mean ± sd over 2 seeds: k-NN") for line in seeds_section({"seeds": result}))
+    assert "Not measured yet" in real_data_section({})[2]
