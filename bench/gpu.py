@@ -16,7 +16,10 @@ skipped and named, run it again by name):
 * ``step`` (gpu_step.json): the interleaved per-strategy step benchmark of
   :mod:`bench.bench_pretrain` on ViT-S/16 multi-crop at the paper's 64 images
   per GPU, images/s, MFU, memory; then host syncs per step counted with
-  ``torch.cuda.set_sync_debug_mode("warn")`` (must be 0).
+  ``torch.cuda.set_sync_debug_mode("warn")`` (must be 0) over whole steps, as
+  the training loop runs them: the next batch from the loader with
+  ``augment.photometric: batched`` (colour ops and the copies to the GPU) and
+  the loader-drawn masks, then ``train_step`` (:class:`WholeSteps`).
 * ``batch`` (gpu_batch.json): the largest batch that fits: doubling from 64
   until out of memory, then one step between the last fit and the first OOM.
 * ``data`` (gpu_data.json): the multi-crop data path with 1-16 worker processes
@@ -139,21 +142,65 @@ def correctness(settings: Settings) -> dict[str, Any]:
             "note": "binding check: random (identical masks); attmask_high masks come from bf16 attention and may differ"}
 
 
-def count_host_syncs(trainer: Pretrainer, crops: list[torch.Tensor], steps: int) -> dict[str, Any]:
-    """Synchronising CUDA calls per train_step, caught by torch's sync debug mode (warm trainer)."""
-    if trainer.device.type != "cuda":
-        return {"syncs_per_step": None, "note": "CUDA only"}
+class WholeSteps:
+    """Each call runs one iteration of :meth:`Pretrainer.fit`'s loop: the next batch, then ``train_step``.
+
+    The batch comes from :meth:`Pretrainer.batches`, so the call covers what the
+    main process does per step in training: the colour ops of ``augment.photometric:
+    batched``, the loader-drawn masks and every copy to the device. Epochs are
+    taken in turn (cycling back to 0 after the last) when one runs out.
+    """
+
+    def __init__(self, trainer: Pretrainer):
+        self.trainer = trainer
+        self.epoch, self.step = 0, 0
+        self._batches = trainer.batches(0, 0)
+
+    def __call__(self) -> dict[str, torch.Tensor]:
+        batch = next(self._batches, None)
+        if batch is None:
+            self.close()
+            self.epoch, self.step = (self.epoch + 1) % self.trainer.config.epochs, 0
+            self._batches = self.trainer.batches(self.epoch, 0)
+            batch = next(self._batches)
+        scalars = self.trainer.train_step(batch, self.epoch, self.step)
+        self.step += 1
+        return scalars
+
+    def close(self) -> None:
+        """Stop the loader (its worker processes)."""
+        self._batches.close()
+
+
+def count_syncs(run_step: Callable[[], Any], steps: int,
+                set_mode: Callable[[int | str], None] = torch.cuda.set_sync_debug_mode) -> dict[str, Any]:
+    """Synchronising CUDA calls per call of ``run_step``, caught by torch's sync debug mode.
+
+    In mode "warn" torch warns "called a synchronizing CUDA operation" at each
+    sync; warnings from every thread (the loader's pin-memory thread too) are
+    recorded, with the Python line that caused them.
+    """
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
+        set_mode("warn")
         try:
             for _ in range(steps):
-                trainer.train_step(crops, epoch=0, step=0)
+                run_step()
         finally:
-            torch.cuda.set_sync_debug_mode(0)
+            set_mode(0)
     syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
     where = Counter(f"{Path(w.filename).name}:{w.lineno}" for w in syncs)
-    return {"syncs_per_step": len(syncs) / steps, "steps": steps, "where": dict(where.most_common(10))}
+    return {"syncs_per_step": len(syncs) / steps, "steps": steps, "where": dict(where.most_common(10)),
+            "counted": "whole steps: next batch (batched colour ops, loader-drawn masks, copies) + train_step"}
+
+
+def count_host_syncs(trainer: Pretrainer, run_step: Callable[[], Any], steps: int) -> dict[str, Any]:
+    """:func:`count_syncs` of ``run_step`` on CUDA (warm trainer); elsewhere the steps only run (a dry run's check)."""
+    if trainer.device.type != "cuda":
+        for _ in range(steps):
+            run_step()
+        return {"syncs_per_step": None, "note": "CUDA only", "steps": steps}
+    return count_syncs(run_step, steps)
 
 
 def step(settings: Settings) -> dict[str, Any]:
@@ -164,16 +211,20 @@ def step(settings: Settings) -> dict[str, Any]:
     result = run_case(settings.case, settings.step_batch, settings.rounds, device, warmup=2,
                       steps_per_sample=settings.steps_per_sample, peak=peak, memory_probe=False)
     raw = _params(settings, settings.step_batch)
+    raw["augment"]["photometric"] = "batched"  # the GPU path (presets/imagenet-20pct.yaml): colour ops on the device
+    warm, counted = 2, 5
     with tempfile.TemporaryDirectory() as tmp:
-        raw = write_noise_shards(raw, Path(tmp), settings.step_batch)
+        # one epoch holds every warm and counted step, so no loader restarts inside the count
+        raw = write_noise_shards(raw, Path(tmp), settings.step_batch * (warm + counted))
         syncs = {}
         for strategy in ("random", "attmask_high", "attmask_hint", "block"):
             trainer = _trainer(raw, Path(tmp) / "shards", Path(tmp), strategy, device)
-            crops = fixed_crops(trainer, device)
-            for _ in range(2):  # warm: optimiser state, kernels
-                trainer.train_step(crops, epoch=0, step=0)
-            syncs[strategy] = count_host_syncs(trainer, crops, steps=5)
-            del trainer, crops
+            run_step = WholeSteps(trainer)
+            for _ in range(warm):  # optimiser state, kernels, the colour ops' cached constants
+                run_step()
+            syncs[strategy] = count_host_syncs(trainer, run_step, steps=counted)
+            run_step.close()
+            del trainer, run_step
     result["host_syncs"] = syncs
     result["matmul"] = matmul
     return {"machine": machine_info(), "cases": {settings.case: result}}

@@ -175,16 +175,27 @@ class MultiCropAugmentation:
 class BatchedMultiCropAugmentation:
     """The same multi-crop, split between the loader worker and the training device.
 
-    ``__call__`` (in the worker) returns ``{"crops": [uint8 (3, S, S)] * num_crops,
-    "params": (num_crops, len(photometric.FIELDS)) float32}``: each crop resized
-    (bicubic, antialiased: PIL's resize of the crop box) and flipped, with its
-    colour parameters drawn from the per-sample seeded generator.
+    ``__call__`` (in the worker) returns ``{"global": uint8 (2, 3, S, S),
+    "local": uint8 (L, 3, s, s), "params": (2 + L, len(photometric.FIELDS))
+    float32}``: each crop resized (bicubic, antialiased: PIL's resize of the
+    crop box) and flipped, with its colour parameters drawn from the per-sample
+    seeded generator. The crops of one size come stacked, so a batch is three
+    tensors (three host-to-device copies) whatever ``local_number`` is.
     :meth:`on_device` applies the colour ops batch-wise on the device.
     """
 
     def __init__(self, config: AugmentConfig):
         self.config = config
         self.crops = crop_policies(config)
+        # (batch key, first crop, policy): apply_photometric reads only the blur kernel's size from a policy, and
+        # the crops of one size share it, so one call colours them all whatever their blur_p / solarize_p
+        self.groups: list[tuple[str, int, PhotometricPolicy]] = [("global", 0, self.crops[0][2])]
+        if config.local_number:
+            self.groups.append(("local", 2, self.crops[2][2]))
+        for key, first, policy in self.groups:
+            last = 2 if key == "global" else len(self.crops)
+            if any(p.kernel_size != policy.kernel_size for _s, _c, p in self.crops[first:last]):
+                raise ValueError(f"the {key} crops' blur kernels differ: they cannot be coloured in one call")
 
     @property
     def num_crops(self) -> int:
@@ -198,15 +209,32 @@ class BatchedMultiCropAugmentation:
         for (size, _scale, _policy), box, flip in zip(self.crops, boxes.tolist(), flips.tolist()):
             crop = resized_crop(pixels, box, size)
             crops.append(crop.flip(-1) if flip else crop)
-        return {"crops": crops, "params": draw_photometric([policy for _size, _scale, policy in self.crops])}
+        local_size = self.config.local_size
+        return {
+            "global": torch.stack(crops[:2]),
+            "local": torch.stack(crops[2:]) if crops[2:] else torch.empty(0, 3, local_size, local_size, dtype=torch.uint8),
+            "params": draw_photometric([policy for _size, _scale, policy in self.crops]),
+        }
 
     def on_device(self, batch: dict[str, Any], device: torch.device) -> list[torch.Tensor]:
-        """Collated ``{"crops": [uint8 (B, 3, S, S)], "params": (B, num_crops, P)}`` to normalised float crops on ``device``."""
+        """Collated ``{"global": (B, 2, 3, S, S), "local": (B, L, 3, s, s), "params": (B, 2 + L, P)}``
+        to ``2 + L`` normalised float32 (B, 3, size, size) crops on ``device``.
+
+        One :func:`apply_photometric` call per crop size (two in all), on the
+        crops in crop-major order (crop c's B images, then crop c+1's: the order
+        the model concatenates them in); the crops returned are views of its
+        result. The ops are per image, so the values are those of one call per crop.
+        """
         params = batch["params"].to(device, non_blocking=True)
-        return [
-            apply_photometric(crops.to(device, non_blocking=True), params[:, c], policy)
-            for c, (crops, (_size, _scale, policy)) in enumerate(zip(batch["crops"], self.crops))
-        ]
+        crops: list[torch.Tensor] = []
+        for key, first, policy in self.groups:
+            images = batch[key].to(device, non_blocking=True)
+            batch_size, count = images.shape[0], images.shape[1]
+            # uint8 is the cheapest place for the transpose's copy (a quarter of float32's bytes)
+            rows = images.transpose(0, 1).reshape(count * batch_size, *images.shape[2:])
+            row_params = params[:, first:first + count].transpose(0, 1).reshape(count * batch_size, -1)
+            crops.extend(apply_photometric(rows, row_params, policy).split(batch_size))
+        return crops
 
 
 MultiCrop = Union[MultiCropAugmentation, BatchedMultiCropAugmentation]

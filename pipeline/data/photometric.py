@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 import torch
@@ -89,6 +90,24 @@ def draw_photometric(policies: list[PhotometricPolicy]) -> Tensor:
 
 
 # ------------------------------------------------------------------ batched ops
+@dataclass(frozen=True)
+class _Constants:
+    """The colour ops' fixed tensors on one device: (1, 3, 1, 1) each."""
+
+    mean: Tensor
+    std: Tensor
+    hsv_shifts: Tensor  # hsv_to_rgb's channel offsets n' = 5, 3, 1
+
+
+@lru_cache(maxsize=None)
+def _constants(device: torch.device, dtype: torch.dtype) -> _Constants:
+    """Built once per (device, dtype): each ``torch.tensor(..., device=cuda)`` is a blocking copy from pageable memory."""
+    def channels(values: tuple[float, ...]) -> Tensor:
+        return torch.tensor(values, dtype=dtype, device=device).view(1, 3, 1, 1)
+
+    return _Constants(mean=channels(IMAGENET_MEAN), std=channels(IMAGENET_STD), hsv_shifts=channels((5.0, 3.0, 1.0)))
+
+
 def _per_sample(factor: Tensor) -> Tensor:
     return factor.view(-1, 1, 1, 1)
 
@@ -135,8 +154,7 @@ def rgb_to_hsv(image: Tensor) -> Tensor:
 def hsv_to_rgb(image: Tensor) -> Tensor:
     """Inverse of :func:`rgb_to_hsv`: channel n of RGB is v - v*s*clamp(min(k, 4 - k), 0, 1), k = (n' + 6h) mod 6."""
     hue, saturation, value = (c.unsqueeze(1) for c in image.unbind(dim=1))
-    shifts = torch.tensor([5.0, 3.0, 1.0], device=image.device, dtype=image.dtype).view(1, 3, 1, 1)
-    k = (shifts + hue * 6.0).remainder(6.0)
+    k = (_constants(image.device, image.dtype).hsv_shifts + hue * 6.0).remainder(6.0)
     return value - value * saturation * torch.minimum(k, 4.0 - k).clamp(0.0, 1.0)
 
 
@@ -167,10 +185,11 @@ def gaussian_blur(image: Tensor, sigma: Tensor, kernel_size: int) -> Tensor:
 def apply_photometric(images: Tensor, params: Tensor, policy: PhotometricPolicy) -> Tensor:
     """uint8 (N, 3, H, W) crops and their (N, len(FIELDS)) parameters to float32, ImageNet-normalised.
 
-    Runs on ``images``' device with no host synchronisation: every op is computed
-    for the whole batch and kept where the sample's draw says so (ops at an
-    identity factor, or ``torch.where``), so the result does not depend on how
-    the batch is split.
+    Runs on ``images``' device with no host synchronisation (its constant
+    tensors are made once per device): every op is computed for the whole
+    batch and kept where the sample's draw says so (ops at an identity factor,
+    or ``torch.where``), so the result does not depend on how the batch is
+    split, and crops of several kinds but one kernel size can share a call.
     """
     if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
         raise ValueError(f"expected uint8 (N, 3, H, W) crops, got {images.dtype} {tuple(images.shape)}")
@@ -194,6 +213,5 @@ def apply_photometric(images: Tensor, params: Tensor, policy: PhotometricPolicy)
     x = torch.where(_per_sample(params[:, COLUMN["blur"]] > 0), blurred, x)
     solarize = _per_sample(params[:, COLUMN["solarize"]] > 0) & (x >= SOLARIZE_THRESHOLD)
     x = torch.where(solarize, 1.0 - x, x)
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
-    return (x - mean) / std
+    constants = _constants(x.device, x.dtype)  # float32, as torch.tensor's default before the cache
+    return (x - constants.mean) / constants.std

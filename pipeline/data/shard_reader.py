@@ -476,6 +476,15 @@ class ShardDataset(IterableDataset):
     global generators seeded from ``derive_seed(seed, "augment", epoch, index)``,
     so augmentations do not depend on rank, worker count or resume point.
 
+    With ``per_step``, each sample is ``(transform(image), label, index, row)``:
+    ``per_step(step)`` is called once per batch, in the process that loads it
+    (a worker), with the batch's step in the epoch, and returns a tensor over
+    the rows of the step's *global* batch (first dimension ``G``); a sample
+    gets row ``rank * B + j`` for its place ``j`` in this rank's batch. Draws
+    that depend only on (seed, epoch, step), such as the masks of
+    :class:`pipeline.method.masking.StepMasks`, are so made off the training
+    loop, the same for any worker count, rank split or resume point.
+
     Use with ``DataLoader(ds, batch_size=ds.batch_size, num_workers=W)``: each
     worker yields whole batches round-robin (worker w: batches w, w+W, ...), so
     the loader returns identical batches for any W. Build a new dataset per
@@ -492,6 +501,7 @@ class ShardDataset(IterableDataset):
         drop_last: equal full batches on every rank (training) or every sample
             exactly once (evaluation); see the module docstring.
         global_batch_size: optional check that it equals ``batch_size * world_size``.
+        per_step: see above; must be picklable when workers are spawned.
     """
 
     def __init__(
@@ -508,6 +518,7 @@ class ShardDataset(IterableDataset):
         shuffle: bool = True,
         drop_last: bool = True,
         global_batch_size: int | None = None,
+        per_step: Callable[[int], torch.Tensor] | None = None,
     ):
         super().__init__()
         if batch_size < 1:
@@ -527,6 +538,7 @@ class ShardDataset(IterableDataset):
         self.world_size = world_size
         self.shuffle = shuffle
         self.drop_last = drop_last
+        self.per_step = per_step
         if not 0 <= start_step <= self.steps_per_epoch:
             raise ValueError(f"start_step {start_step} is outside [0, steps_per_epoch={self.steps_per_epoch}]")
         self.start_step = start_step
@@ -570,8 +582,14 @@ class ShardDataset(IterableDataset):
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         batches = self.batches()
         for k in range(worker, len(batches), workers):
-            for index in batches[k]:
-                yield self.item(index)
+            if self.per_step is None:
+                for index in batches[k]:
+                    yield self.item(index)
+                continue
+            rows = self.per_step(self.start_step + k)
+            first = self.rank * self.batch_size
+            for j, index in enumerate(batches[k]):
+                yield (*self.item(index), rows[first + j])
 
     def item(self, index: int) -> tuple[Any, int, int]:
         """``(transform(image), label, index)`` for one sample, augmentation seeded as documented."""

@@ -39,9 +39,10 @@ Ties in attention are broken deterministically by a stable sort: among equal
 values the lower patch index counts as more attended for ``high``/``hint`` and
 as less attended for ``low`` (i.e. the lower index is masked first).
 
-Everything except ``block`` is vectorised over the batch (this runs every
-training step); ``block`` loops over images in Python, which is cheap on the
-small grids it runs on.
+Everything except ``block`` is vectorised over the batch; ``block`` loops
+over images in Python, which is cheap on the small grids it runs on. In
+training, ``random`` and ``block`` masks are drawn in the loader workers
+(:class:`StepMasks`), the AttMask ones in the step, from the teacher's attention.
 """
 from __future__ import annotations
 
@@ -53,6 +54,7 @@ import numpy as np
 import torch
 
 from pipeline.core.config import MaskingConfig
+from pipeline.core.seeding import make_generator
 from pipeline.core.strategies import ATTENTION_STRATEGIES, MASKING_STRATEGIES
 
 BLOCK_MIN_ASPECT = 0.3  # BEiT/iBOT: aspect ratio log-uniform in (0.3, 1/0.3)
@@ -105,6 +107,42 @@ def generate_masks(
             over the grid; required for ``attmask_*``.
     """
     return sample_masks(config, batch_size, grid, generator, attention).masks
+
+
+def step_generator(seed: int, epoch: int, step: int, crop: int) -> torch.Generator:
+    """The masks' only generator for global crop ``crop`` of (epoch, step): a pure function of them."""
+    return make_generator(seed, "mask", epoch, step, crop)
+
+
+@dataclass(frozen=True)
+class StepMasks:
+    """The masks of one epoch's steps, for the strategies that need no attention (``random``, ``block``).
+
+    Called with a step, it draws what the training step would: for each of
+    ``crops`` global crops, :func:`generate_masks` over the whole *global*
+    batch from :func:`step_generator`. It runs in the loader worker
+    (``ShardDataset(per_step=...)``), so the step neither loops over images in
+    Python nor copies masks from pageable memory; picklable for spawned workers.
+    """
+
+    config: MaskingConfig
+    seed: int
+    epoch: int
+    batch_size: int  # the global batch G; each rank takes its rows
+    grid: tuple[int, int]
+    crops: int = 2
+
+    def __post_init__(self) -> None:
+        if self.config.strategy in ATTENTION_STRATEGIES:
+            raise ValueError(f"masking.strategy={self.config.strategy!r} needs the teacher's attention: "
+                             "its masks are drawn in the training step")
+
+    def __call__(self, step: int) -> torch.Tensor:
+        """``(G, crops, H, W)`` bool, True = masked: row i holds image i's mask of every global crop."""
+        return torch.stack([
+            generate_masks(self.config, self.batch_size, self.grid, step_generator(self.seed, self.epoch, step, crop))
+            for crop in range(self.crops)
+        ], dim=1)
 
 
 def sample_masks(

@@ -35,7 +35,7 @@ from pipeline.core.config import NOT_OUTPUT_KEYS, Params, ParamsError, params_to
 from pipeline.core.distributed import DistContext, all_reduce_sum, barrier, gather_rows
 from pipeline.core.errors import UserError
 from pipeline.core.files import atomic_write_text, sha256_file, write_json
-from pipeline.core.seeding import configure_determinism, derive_seed, make_generator
+from pipeline.core.seeding import configure_determinism, derive_seed
 from pipeline.core.sources import code_files, fingerprint
 from pipeline.core.strategies import BY_NAME
 from pipeline.core.tracking import RunRecord
@@ -45,7 +45,7 @@ from pipeline.data.shard_writer import MANIFEST_NAME
 from pipeline.method.backbone_export import save_backbone_safetensors, save_timm_folder
 from pipeline.method.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from pipeline.method.loss import IBOTLoss, koleo_loss
-from pipeline.method.masking import generate_masks
+from pipeline.method.masking import StepMasks, generate_masks, step_generator
 from pipeline.method.model import IBOTNetwork, backbone_state_dict, build_network
 from pipeline.method.schedules import TrainingSchedules, stretch_to_min_steps
 
@@ -107,6 +107,20 @@ class Progress:
     history: list[list[float]] = field(default_factory=list)
 
 
+@dataclass
+class StepBatch:
+    """What :meth:`Pretrainer.batches` yields: one step's crops on the training device, with the masks if drawn.
+
+    ``crops``: 2 global (B, 3, S, S) then ``local_number`` local (B, 3, s, s)
+    normalised crops. ``masks``: (2B, h, w) bool, crop-major (crop 0's B rows,
+    then crop 1's), drawn by the loader for the strategies that need no
+    attention; None when the step draws them (AttMask).
+    """
+
+    crops: list[torch.Tensor]
+    masks: torch.Tensor | None = None
+
+
 def validate_for_world(params: Params, context: DistContext) -> None:
     """Checks that need the world size; run before any heavy work."""
     batch = params.pretrain.batch_size
@@ -138,14 +152,25 @@ def parameter_groups(module: nn.Module) -> list[dict[str, Any]]:
 
 
 def clip_gradients(module: nn.Module, max_norm: float) -> None:
-    """Clip each parameter's gradient norm to ``max_norm`` (as the official DINO/iBOT code)."""
+    """Clip each parameter's gradient norm to ``max_norm`` (as the official DINO/iBOT code).
+
+    Per parameter, ``grad *= max_norm / (norm + 1e-6)`` where that is below 1;
+    a handful of foreach ops (a few kernels on CUDA) instead of several per
+    parameter, no host sync. The scale is computed as the official code's
+    ``clip / (norm + 1e-6)`` is (``Tensor.__rtruediv__``: reciprocal, then
+    times ``clip``) and a factor of exactly 1 leaves a gradient unchanged, so
+    the gradients are bit for bit the official ones wherever the norms are
+    (CPU: yes; CUDA's fused ``_foreach_norm`` sums in another order).
+    """
     if max_norm <= 0:
         return
     grads = [p.grad for p in module.parameters() if p.grad is not None]
     if not grads:
         return
-    norms = torch._foreach_norm(grads)
-    scales = [torch.clamp(max_norm / (n + 1e-6), max=1.0) for n in norms]
+    scales = torch._foreach_add(torch._foreach_norm(grads), 1e-6)
+    torch._foreach_reciprocal_(scales)
+    torch._foreach_mul_(scales, max_norm)
+    torch._foreach_clamp_max_(scales, 1.0)
     torch._foreach_mul_(grads, scales)
 
 
@@ -272,6 +297,12 @@ class Pretrainer:
         Draws nothing from the training's randomness: the eval transform is
         deterministic and torch's generator state is restored afterwards, so the
         weights and checkpoints are the same with or without it.
+
+        Extraction runs on the training device with ``pretrain.num_workers``
+        loader processes: it is this stage's own CPU budget for decoding (the
+        training loader's workers have ended with the epoch, so they compete
+        with nothing), and the pretrain stage does not read the ``extract``
+        section (nor should a k-NN probe of training depend on it).
         """
         from pipeline.evaluation.extract import extract_split, vit_features
         from pipeline.evaluation.knn import weighted_knn
@@ -283,7 +314,7 @@ class Pretrainer:
             train, val = (
                 extract_split(split, {"teacher": lambda images: vit_features(vit, images)},
                               image_size=self.params.augment.global_size, batch_size=256, device=self.device,
-                              context=self.context, progress_bar=False)
+                              context=self.context, num_workers=self.config.num_workers, progress_bar=False)
                 for split in (self.split, self.val_split)
             )
         if train is None or val is None:
@@ -337,7 +368,15 @@ class Pretrainer:
         return True
 
     # ------------------------------------------------------------------ data
-    def batches(self, epoch: int, start_step: int) -> Iterator[list[torch.Tensor]]:
+    def step_masks(self, epoch: int) -> StepMasks | None:
+        """The loader's mask drawer for ``epoch``; None for AttMask, whose masks need the teacher's attention."""
+        if self.uses_attention:
+            return None
+        side = self.params.augment.global_size // self.patch_size
+        return StepMasks(self.params.masking, self.params.seed, epoch, self.config.batch_size, (side, side))
+
+    def batches(self, epoch: int, start_step: int) -> Iterator[StepBatch]:
+        """This rank's steps of ``epoch`` from ``start_step``, on the training device (see :class:`StepBatch`)."""
         dataset = ShardDataset(
             self.split,
             transform=self.augmentation,
@@ -350,6 +389,7 @@ class Pretrainer:
             shuffle=True,
             drop_last=True,
             global_batch_size=self.config.batch_size,
+            per_step=self.step_masks(epoch),
         )
         loader = torch.utils.data.DataLoader(
             dataset,
@@ -358,9 +398,16 @@ class Pretrainer:
             pin_memory=self.device.type == "cuda",
             persistent_workers=False,
         )
-        for batch, _labels, _indices in loader:
+        for batch, _labels, _indices, *masks in loader:
             # augment.photometric: batched runs the colour ops here, batch-wise on the training device
-            yield self.augmentation.on_device(batch, self.device)
+            crops = self.augmentation.on_device(batch, self.device)
+            if not masks:
+                yield StepBatch(crops)
+                continue
+            # (B, 2, h, w) rows of the collated samples to crop-major (2B, h, w), as the crops are concatenated;
+            # pinned by the loader on CUDA, so non_blocking is a real asynchronous copy
+            rows = masks[0].to(self.device, non_blocking=True)
+            yield StepBatch(crops, rows.transpose(0, 1).reshape(-1, *rows.shape[2:]))
 
     # ------------------------------------------------------------------ step
     def masks_for(self, crop: int, epoch: int, step: int, attention: torch.Tensor | None, grid: tuple[int, int]) -> torch.Tensor:
@@ -369,7 +416,7 @@ class Pretrainer:
         Drawn for the whole global batch from one generator and sliced to this
         rank's rows, so N ranks mask exactly what one process would.
         """
-        generator = make_generator(self.params.seed, "mask", epoch, step, crop)
+        generator = step_generator(self.params.seed, epoch, step, crop)
         if attention is not None:
             attention = gather_rows(attention.float(), self.context)
         masks = generate_masks(self.params.masking, self.config.batch_size, grid, generator, attention)
@@ -377,8 +424,15 @@ class Pretrainer:
         # non_blocking: a blocking host-to-device copy would wait for the teacher forward (a host sync)
         return masks[rows].to(self.device, non_blocking=True)
 
-    def train_step(self, crops: list[torch.Tensor], epoch: int, step: int) -> dict[str, torch.Tensor]:
-        """One optimisation step; returns detached scalars (no host sync)."""
+    def train_step(self, crops: list[torch.Tensor] | StepBatch, epoch: int, step: int) -> dict[str, torch.Tensor]:
+        """One optimisation step on a :class:`StepBatch` or its crops alone; returns detached scalars (no host sync).
+
+        Without loader-drawn masks (a list of crops, or AttMask) the step draws
+        them with :meth:`masks_for`, from the same generators as the loader.
+        """
+        loaded_masks = crops.masks if isinstance(crops, StepBatch) else None
+        if isinstance(crops, StepBatch):
+            crops = crops.crops
         iteration = epoch * self.steps_per_epoch + step
         for group in self.optimizer.param_groups:
             group["lr"] = float(self.schedules.lr[iteration])
@@ -396,7 +450,7 @@ class Pretrainer:
             with torch.no_grad():
                 target = self.teacher(global_crops, return_cls_attention=self.uses_attention)
             attention = target.get("cls_attention")
-            masks = torch.cat(
+            masks = loaded_masks if loaded_masks is not None else torch.cat(
                 [
                     self.masks_for(c, epoch, step, None if attention is None else attention.chunk(2)[c], grid)
                     for c in range(2)

@@ -13,12 +13,14 @@ import pytest
 import torch
 from PIL import Image
 from scipy.stats import ks_2samp
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader, default_collate
 from torchvision.transforms import RandomResizedCrop
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from pipeline.core.config import AugmentConfig
+import pipeline.data.augment as augment_module
 from pipeline.data import photometric as P
 from pipeline.data.augment import (
     BatchedMultiCropAugmentation, MultiCropAugmentation, build_multicrop, crop_policies, draw_crop_boxes,
@@ -172,8 +174,9 @@ def test_batched_multicrop_gives_uint8_crops_in_the_worker_and_normalised_crops_
     assert isinstance(augment, BatchedMultiCropAugmentation) and augment.num_crops == 5
     torch.manual_seed(0)
     item = augment(photo())
-    assert [tuple(c.shape) for c in item["crops"]] == [(3, 32, 32)] * 2 + [(3, 16, 16)] * 3
-    assert all(c.dtype == torch.uint8 for c in item["crops"])
+    # stacked per crop size: three tensors to copy to the device whatever the number of local crops
+    assert (tuple(item["global"].shape), tuple(item["local"].shape)) == ((2, 3, 32, 32), (3, 3, 16, 16))
+    assert item["global"].dtype == item["local"].dtype == torch.uint8
     assert tuple(item["params"].shape) == (5, len(P.FIELDS))
     # DINO's per-crop policies: blur 1.0 / 0.1 / 0.5, solarize only on the second global crop
     assert [(p.blur_p, p.solarize_p) for _s, _c, p in crop_policies(config)] == [(1.0, 0.0), (0.1, 0.2)] + [(0.5, 0.0)] * 3
@@ -191,7 +194,7 @@ def test_batched_crops_are_torchvisions_resized_crop_of_the_drawn_box():
     torch.manual_seed(5)
     boxes, flips = draw_crop_boxes(45, 60, [(0.25, 1.0)] * 2 + [(0.05, 0.25)])
     pixels = TF.pil_to_tensor(image)
-    for crop, box, flip, size in zip(item["crops"], boxes.tolist(), flips.tolist(), (32, 32, 16)):
+    for crop, box, flip, size in zip([*item["global"], *item["local"]], boxes.tolist(), flips.tolist(), (32, 32, 16)):
         expected = TF.resized_crop(pixels, *box, [size, size], interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
         assert torch.equal(crop, expected.flip(-1) if flip else expected)
 
@@ -209,3 +212,61 @@ def test_batched_loader_batches_do_not_depend_on_the_worker_count(tiny_shards):
     assert len(inline) == len(pooled) > 1
     for a, b in zip(inline, pooled):
         assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_without_local_crops_the_batched_multicrop_gives_the_two_global_ones():
+    augment = BatchedMultiCropAugmentation(AugmentConfig(global_size=16, local_size=8, local_number=0))
+    torch.manual_seed(0)
+    item = augment(photo())
+    assert tuple(item["local"].shape) == (0, 3, 8, 8)
+    assert [tuple(v.shape) for v in augment.on_device(default_collate([item] * 3), torch.device("cpu"))] == [(3, 3, 16, 16)] * 2
+
+
+def test_on_device_colours_each_crop_size_in_one_call_byte_for_byte_as_one_call_per_crop(monkeypatch):
+    """The batched call must not change a value: the ops are per image, whatever the batch holds."""
+    config = AugmentConfig(global_size=24, local_size=12, local_number=5)
+    augment = BatchedMultiCropAugmentation(config)
+    torch.manual_seed(0)
+    items = [augment(photo(60 + 3 * i, 45)) for i in range(7)]
+    batch = default_collate(items)
+    calls = []
+    original = augment_module.apply_photometric
+    monkeypatch.setattr(augment_module, "apply_photometric", lambda *a: calls.append(a[0].shape[0]) or original(*a))
+    got = augment.on_device(batch, torch.device("cpu"))
+    assert calls == [2 * 7, 5 * 7]  # one call per crop size, not one per crop
+    crops = [*batch["global"].unbind(1), *batch["local"].unbind(1)]  # crop c: (B, 3, S, S)
+    for c, (crop, (_size, _scale, policy)) in enumerate(zip(crops, crop_policies(config))):
+        expected = original(crop.contiguous(), batch["params"][:, c], policy)
+        assert got[c].shape == expected.shape and torch.equal(got[c], expected), c
+    # the draws of this batch exercised every branch, in both groups
+    for name in ("jitter", "grayscale", "blur"):
+        assert 0 < batch["params"][:, 2:, P.COLUMN[name]].sum() < 7 * 5, name
+
+
+class CountPythonData(TorchDispatchMode):
+    """Counts tensors made from Python data (torch.tensor): on a GPU each is a blocking copy from pageable memory."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func.overloadpacket.__name__ in ("lift_fresh", "lift_fresh_copy")
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_colour_constants_are_made_once_per_device_and_dtype():
+    policy = P.PhotometricPolicy(blur_p=0.5, solarize_p=0.5, sigma=(0.1, 2.0))
+    torch.manual_seed(0)
+    params = P.draw_photometric([policy] * 8)
+    params[:, P.COLUMN["jitter"]] = 1.0  # hue (hsv_to_rgb's constant) at some position of the random order
+    crops = (images(8, 12) * 255).round().to(torch.uint8)
+    P._constants.cache_clear()
+    counts = []
+    for _ in range(3):
+        with CountPythonData() as counter:
+            result = P.apply_photometric(crops, params, policy)
+        counts.append(counter.count)
+        assert torch.equal(result, P.apply_photometric(crops, params, policy))
+    assert counts == [3, 0, 0]  # mean, std and the HSV offsets, once
+    assert P._constants.cache_info().currsize == 1

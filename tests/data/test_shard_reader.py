@@ -307,3 +307,30 @@ def test_augmentation_leaves_the_callers_rng_alone(train):
     random.seed(123)
     list(ShardDataset(train, batch_size=4, transform=mean_and_noise, drop_last=False))
     assert torch.equal(torch.rand(3), expected[0]) and random.random() == expected[1]
+
+
+class StepAndRow:
+    """A per_step that says which (step, global row) it was asked for; module-level, so workers can unpickle it."""
+
+    def __init__(self, global_batch: int):
+        self.global_batch = global_batch
+
+    def __call__(self, step: int) -> torch.Tensor:
+        return torch.stack([torch.full((self.global_batch,), step), torch.arange(self.global_batch)], dim=1)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_per_step_rows_come_with_their_samples_for_any_rank_worker_count_and_resume(train, workers):
+    batch, world = 2, 2
+    for rank in range(world):
+        plain = ShardDataset(train, batch_size=batch, transform=mean_and_noise, seed=3, epoch=1,
+                             rank=rank, world_size=world, start_step=1)
+        rows = ShardDataset(train, batch_size=batch, transform=mean_and_noise, seed=3, epoch=1,
+                            rank=rank, world_size=world, start_step=1, per_step=StepAndRow(batch * world))
+        want = collect(plain, 0)
+        got = list(DataLoader(rows, batch_size=batch, num_workers=workers))
+        assert len(got) == len(want) == plain.num_steps
+        for k, ((images, _labels, indices, step_rows), (want_indices, want_images)) in enumerate(zip(got, want)):
+            assert indices.tolist() == want_indices and torch.equal(images, want_images)  # the samples are untouched
+            # step start_step + k of the epoch; this rank's rows rank * B .. (rank + 1) * B of the global batch
+            assert step_rows.tolist() == [[1 + k, rank * batch + j] for j in range(batch)]

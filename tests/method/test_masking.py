@@ -13,7 +13,7 @@ from hypothesis import given, settings, strategies as st
 from pipeline.core.config import MaskingConfig
 from pipeline.core.seeding import make_generator
 from pipeline.core.strategies import MASKING_STRATEGIES
-from pipeline.method.masking import block_mask, generate_masks, sample_mask_counts, sample_masks
+from pipeline.method.masking import StepMasks, block_mask, generate_masks, sample_mask_counts, sample_masks
 
 GRIDS = [(1, 1), (1, 7), (2, 2), (4, 4), (8, 8), (14, 14), (6, 10)]
 ATTMASK = ("attmask_high", "attmask_hint", "attmask_low")
@@ -417,3 +417,25 @@ def test_block_rule_reaches_the_masks_and_defaults_to_inclusive():
     assert all(h < 4 and w < 4 for rects in draws["official"].rectangles for _, _, h, w in rects)
     assert any(h == 4 or w == 4 for rects in draws["inclusive"].rectangles for _, _, h, w in rects)
     assert (draws["official"].masks.flatten(1).sum(1) <= draws["official"].counts).all()
+
+
+@pytest.mark.parametrize("strategy, rule", [("block", "official"), ("block", "inclusive"), ("random", "official")])
+def test_step_masks_are_the_steps_own_draws_from_its_seeds(strategy, rule):
+    """The loader draws what the step drew, from (seed, "mask", epoch, step, crop): masks and checkpoints unchanged."""
+    import pickle
+
+    config = MaskingConfig(strategy=strategy, block_rule=rule)
+    draw_step = pickle.loads(pickle.dumps(StepMasks(config, seed=7, epoch=3, batch_size=6, grid=(4, 4))))  # spawned workers
+    for step in (0, 5):
+        masks = draw_step(step)
+        assert masks.shape == (6, 2, 4, 4) and masks.dtype == torch.bool
+        for crop in range(2):
+            expected = generate_masks(config, 6, (4, 4), make_generator(7, "mask", 3, step, crop))
+            assert torch.equal(masks[:, crop], expected), (step, crop)
+    assert not torch.equal(draw_step(0), draw_step(1))
+
+
+@pytest.mark.parametrize("strategy", ATTMASK)
+def test_step_masks_refuse_the_strategies_that_need_attention(strategy):
+    with pytest.raises(ValueError, match="attention"):
+        StepMasks(MaskingConfig(strategy=strategy), seed=0, epoch=0, batch_size=2, grid=(2, 2))

@@ -260,9 +260,13 @@ def test_sigkill_then_resume_equals_uninterrupted(tiny_folder, tiny_shards, tmp_
 
 
 @pytest.mark.slow
-def test_ddp_two_cpu_processes_match_one_process_on_the_first_step(tiny_folder, tiny_shards, tmp_path):
-    # drop-path draws differ by rank, so it is off here; everything else is the real run
-    sections = {"model": {"drop_path_rate": 0.0}, "pretrain": {"epochs": 1, "log_every": 1}}
+@pytest.mark.parametrize("strategy, photometric", [("attmask_high", "per_image"), ("block", "batched")])
+def test_ddp_two_cpu_processes_match_one_process_on_the_first_step(strategy, photometric, tiny_folder, tiny_shards,
+                                                                    tmp_path):
+    # drop-path draws differ by rank, so it is off here; everything else is the real run. block: each rank's
+    # loader draws the global batch's masks and takes its own rows (AttMask gathers the attention instead)
+    sections = {"model": {"drop_path_rate": 0.0}, "pretrain": {"epochs": 1, "log_every": 1},
+                "masking": {"strategy": strategy}, "augment": {"photometric": photometric}}
     single = stage_workdir(tmp_path / "single", tiny_folder, tiny_shards, **sections)
     done = run_stage(single)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -331,3 +335,64 @@ def test_the_run_identity_holds_threads_and_numerics_but_not_data_verify(tiny_fo
     assert base["threads"] == 2 and base["numerics"] == "portable" and "verify" not in base["data"]
     assert identity(threads=1) != base and identity(numerics="native") != base
     assert identity(verify="full") == base
+
+
+def official_clip_gradients(model: torch.nn.Module, clip: float) -> None:
+    """The DINO/iBOT reference, as written there: per parameter, scaled when clip / (norm + 1e-6) < 1."""
+    for p in model.parameters():
+        if p.grad is not None:
+            clip_coef = clip / (p.grad.data.norm(2) + 1e-6)
+            if clip_coef < 1:
+                p.grad.data.mul_(clip_coef)
+
+
+def test_clip_gradients_is_the_official_per_parameter_clip_bit_for_bit():
+    import copy
+
+    from pipeline.method.training import clip_gradients
+
+    torch.manual_seed(0)
+    model = torch.nn.ParameterList([torch.nn.Parameter(torch.zeros(1 + i % 5, 3 + i % 7)) for i in range(64)])
+    model[5].requires_grad_(False)  # no gradient: skipped
+    for i, p in enumerate(model):
+        if p.requires_grad:  # norms log-spread over ~0.01 .. ~1000 around max_norm 3
+            p.grad = torch.randn(p.shape) * 10.0 ** (5 * i / 64 - 2)
+    norms = [float(p.grad.norm()) for p in model.parameters() if p.grad is not None]
+    assert min(norms) < 3.0 < max(norms)  # some clipped, some not
+    reference = copy.deepcopy(model)
+    for p, q in zip(model.parameters(), reference.parameters()):
+        q.grad = None if p.grad is None else p.grad.clone()  # deepcopy leaves gradients behind
+    official_clip_gradients(reference, 3.0)
+    clip_gradients(model, 3.0)
+    pairs = [(p.grad, q.grad) for p, q in zip(model.parameters(), reference.parameters()) if q.grad is not None]
+    assert len(pairs) == len(norms) and all(torch.equal(g, h) for g, h in pairs)
+    assert all(float(g.norm()) == pytest.approx(min(3.0, n), rel=1e-5) for (g, _), n in zip(pairs, norms))
+
+
+def test_block_and_random_masks_come_with_the_batch_as_the_step_would_draw_them(tiny_folder, tiny_shards, tmp_path, monkeypatch):
+    raw = tiny_params_dict(tiny_folder, masking={"strategy": "block"}, augment={"photometric": "batched"})
+    trainer = Pretrainer(params_from_dict(raw), PretrainPaths.under(tiny_shards, tmp_path / "m", tmp_path / "r"),
+                         torch.device("cpu"), DistContext(), progress_bar=False)
+    grid = (4, 4)  # 16 px global crops, 4 px patches
+    for epoch in (0, 1):
+        for step, batch in enumerate(trainer.batches(epoch, 1), start=1):  # from a resume point
+            expected = torch.cat([trainer.masks_for(c, epoch, step, None, grid) for c in range(2)])
+            assert batch.masks is not None and torch.equal(batch.masks, expected), (epoch, step)
+    # and the weights: drawn in the loader or in the step, the same bytes
+    _, loader_drawn, _ = run(tiny_folder, tiny_shards, tmp_path / "loader", masking={"strategy": "block"})
+    monkeypatch.setattr(Pretrainer, "step_masks", lambda self, epoch: None)
+    _, step_drawn, _ = run(tiny_folder, tiny_shards, tmp_path / "step", masking={"strategy": "block"})
+    assert loader_drawn.backbone_pth.read_bytes() == step_drawn.backbone_pth.read_bytes()
+
+
+def test_knn_while_training_extracts_on_the_training_device_with_the_stages_workers(tiny_folder, tiny_shards, tmp_path,
+                                                                                     monkeypatch):
+    import pipeline.evaluation.extract as extract
+
+    raw = tiny_params_dict(tiny_folder, pretrain={"num_workers": 3})
+    trainer = Pretrainer(params_from_dict(raw), PretrainPaths.under(tiny_shards, tmp_path / "m", tmp_path / "r"),
+                         torch.device("cpu"), DistContext(), progress_bar=False)
+    calls = []
+    monkeypatch.setattr(extract, "extract_split", lambda split, extractors, **kwargs: calls.append(kwargs))
+    assert trainer.evaluate_knn() is None
+    assert [(c["num_workers"], c["device"]) for c in calls] == [(3, torch.device("cpu"))] * 2
