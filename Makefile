@@ -46,14 +46,14 @@ bench-quick: $(STAMP)
 bench-real: $(STAMP)
 	$(PY) -m bench.real_data
 
-# packages the GPU machine lacks, for the device call's carry (README, Benchmarks)
+# packages the GPU machine lacks, for the device call's carry (docs/benchmarks.md)
 bench-gpu-deps: $(STAMP)
 	$(PY) -m bench.gpu_deps
 
 clean-venv:
 	rm -rf $(VENV)
 
-# the paper's strategy table as DVC experiments (README "Comparing masking strategies")
+# the paper's strategy table as DVC experiments (docs/comparing-strategies.md)
 .PHONY: compare
 compare: $(STAMP)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m stages.compare

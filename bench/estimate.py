@@ -1,7 +1,6 @@
 """Estimated wall time of the paper's 100-epoch ViT-S/16 pre-training runs, from a measured (or assumed) GPU rate.
 
-    .venv/bin/python -m bench.estimate            # print the table
-    .venv/bin/python -m bench.estimate --readme   # also rewrite the table in README.md (between its markers)
+    .venv/bin/python -m bench.estimate            # print the table (reports/bench.md renders it too)
 
 Time = epochs x images x FLOPs per image / (achieved FLOP/s per GPU x GPUs).
 FLOPs per image are analytic (:mod:`bench.flops`, AttMask step with its crops: 6
@@ -27,9 +26,8 @@ EPOCHS = 100
 GPUS = (1, 8, 32)
 # (label, train images, local crops): the paper's 20% subset is 260 images per class
 SUBSETS = (("20% ImageNet-1k (260 per class)", 260_000, 6), ("100% ImageNet-1k", 1_281_167, 10))
-ASSUMED_MFU = 0.40  # the issue's goal for one H100
+ASSUMED_MFU = 0.40  # the MFU the prepared GPU run aims at on one H100/H200 (dense bf16 peak)
 H100_SXM_BF16_TFLOPS = 989.4
-BEGIN, END = "<!-- bench:estimate:begin -->", "<!-- bench:estimate:end -->"
 
 
 def flops_per_image(local_number: int) -> int:
@@ -99,26 +97,11 @@ def table_from_reports(bench_dir: Path = Path("reports/bench")) -> str:
     return markdown(estimate_rows(rate), rate)
 
 
-def replace_block(text: str, begin: str, end: str, body: str) -> str:
-    """``text`` with what lies between the ``begin`` and ``end`` markers replaced by ``body`` (markers kept)."""
-    start, stop = text.find(begin), text.find(end)
-    if start < 0 or stop < start:
-        raise ValueError(f"markers {begin} ... {end} not found")
-    return text[: start + len(begin)] + "\n" + body + "\n" + text[stop:]
-
-
-def replace_between_markers(text: str, table: str) -> str:
-    return replace_block(text, BEGIN, END, table)
-
-
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--readme", type=Path, nargs="?", const=Path("README.md"), default=None)
-    args = parser.parse_args(argv)
+    parser.parse_args(argv)
     table = table_from_reports()
     print(table)
-    if args.readme:
-        args.readme.write_text(replace_between_markers(args.readme.read_text(), table))
     return table
 
 

@@ -1,4 +1,4 @@
-"""The embedded default's k-NN gap against pre-training budget (the learning issue's fallback figure).
+"""The embedded default's k-NN gap against pre-training budget (reports/bench.md).
 
 Run: ``.venv/bin/python -m bench.learning_curve [--epochs 4 8 16 32]``; writes
 ``reports/bench/learning_curve.json``. For each ``pretrain.epochs`` it runs the
@@ -29,7 +29,7 @@ from typing import Any
 import yaml
 
 OUTPUT = Path("reports/bench/learning_curve.json")
-TARGET = 15.0  # points above each baseline (the issue's floor; its goal is +25)
+TARGET = 15.0  # points above each baseline: the floor the default recipe keeps over random init
 K = "20"
 
 

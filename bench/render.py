@@ -32,7 +32,7 @@ FILES = ("run", "pretrain_step", "data", "knn", "linear_sgd", "learning_curve", 
 STAGES = ("generate", "shard", "pretrain", "extract", "knn", "fewshot", "linear", "linear_sgd", "finetune", "metrics",
           "report")
 ORDER = ("random", "block", "attmask_high", "attmask_hint", "attmask_low")  # random first: the reference
-OWED = "*owed: needs a GPU run of `bash bench/gpu.sh` (README, Benchmarks)*"
+OWED = "*owed: needs a GPU run of `bash bench/gpu.sh` (docs/benchmarks.md)*"
 
 
 def load_results(bench_dir: Path = BENCH_DIR, timing_dir: Path = TIMING_DIR) -> dict[str, Any]:
@@ -578,7 +578,7 @@ def timing_section(results: dict[str, Any]) -> list[str]:
         run = record.get("sacred_run")
         run = relative(run.get("dir", "-")) if isinstance(run, dict) else (run if run is not None else "-")
         lines.append(f"| {stage} | {record['wall_seconds']:.1f} s | {device} | {run} |")
-    # `metrics` only merges JSON files and keeps no run record (README "Run records")
+    # `metrics` only merges JSON files and keeps no run record (docs/reproducibility.md)
     missing = [s for s in STAGES if s not in timing and s != "metrics"]
     lines.append(f"| **total** | **{total / 60:.1f} min** | | |")
     machine = next(iter(timing.values())).get("machine") or {}
@@ -636,84 +636,15 @@ def render(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-SUMMARY_BEGIN, SUMMARY_END = "<!-- bench:summary:begin -->", "<!-- bench:summary:end -->"
-
-
-def readme_summary(results: dict[str, Any]) -> str:
-    """The few figures the README quotes, each with where it came from."""
-    lines = []
-    cpu = (results.get("pretrain_step") or {}).get("cases", {})
-    for name, case in cpu.items():
-        lines.append(f"- pre-training step, CPU, {_case_title(name)}, batch {case['config']['batch_size']}: " + _step_line(case))
-    gpu = (results.get("gpu_step") or {}).get("cases", {})
-    for name, case in gpu.items():
-        lines.append(f"- pre-training step, {_gpu_name(results['gpu_step'])}, {_case_title(name)}, batch "
-                     f"{case['config']['batch_size']}: " + _step_line(case))
-    if not gpu:
-        lines.append("- GPU figures (ViT-S/16 step and MFU, bf16 correctness, largest batch, compile, k-NN on CUDA, "
-                     "16-worker data path): **owed**, no GPU run yet")
-    for name in ("data", "gpu_data"):
-        for case_name in ("paper", "paper_batched"):
-            paper = ((results.get(name) or {}).get("multicrop") or {}).get(case_name)
-            if paper:
-                rates = ", ".join(f"{w} worker{'s' if w != '1' else ''} {t['per_worker_images_per_second']:.1f}"
-                                  for w, t in paper["workers"].items())
-                where = "here" if name == "data" else "on the GPU machine"
-                lines.append(f"- data path at the paper's crops ({paper['image']} -> {paper['crops']}, colour ops "
-                             f"{paper.get('photometric', 'per_image')}), images/s per worker {where}: {rates}")
-    rate = estimate.gpu_rate(results.get("gpu_step"), results.get("gpu_batch"))
-    needed = rate["tflops"] * 1e12 / estimate.flops_per_image(10)
-    lines.append(f"- to feed one GPU's ViT-S/16 step ({needed:,.0f} images/s, "
-                 f"{'measured' if rate['measured'] else 'estimated at 40% MFU, not measured'}) 16 workers must each "
-                 f"deliver {needed / 16:,.0f} images/s")
-    for name in ("knn", "knn_cuda"):
-        knn = results.get(name)
-        if knn and knn.get("cases"):
-            case_name, case = next(iter(knn["cases"].items()))
-            lines.append(f"- weighted k-NN {knn['train_rows']:,} x {knn['dim']} vs 50k val, {knn['device']} ({case_name}): "
-                         f"{case['ms_per_val_row']:.2f} ms per val row, {case['extrapolated_50k_val_seconds'] / 60:.1f} min, "
-                         f"peak +{case['peak_extra_mib']:,.0f} MiB")
-    timing = results.get("timing") or {}
-    if timing:
-        seconds = {stage: t.get("wall_seconds", 0.0) for stage, t in timing.items()}
-        per_stage = ", ".join(f"{stage} {value:.0f} s" for stage, value in seconds.items())
-        lines.append(f"- embedded `make repro`: {sum(seconds.values()) / 60:.1f} min over {len(seconds)} timed stages "
-                     f"({per_stage})")
-    else:
-        lines.append("- embedded `make repro` wall time per stage: not measured yet")
-    return "\n".join(lines)
-
-
-def _step_line(case: dict[str, Any]) -> str:
-    random = case["strategies"].get("random") or next(iter(case["strategies"].values()))
-    text = (f"{random['step_seconds']['median'] * 1000:,.0f} ms/step for random ({random['images_per_second']:.1f} images/s, "
-            f"MFU {100 * random['mfu']:.1f}% of {case['peak']['tflops']:.3g} TFLOP/s, {case['peak']['source']})")
-    ratios = case.get("ratio_to_random") or {}
-    if ratios:
-        parts = ", ".join(f"{s} x{r['median']:.3f}" + (" (within its range: noise)" if within_range(r) else "")
-                          for s, r in _ordered(ratios) if s != "random")
-        text += f"; step time relative to random: {parts} (median of {case['config']['rounds']} interleaved rounds)"
-    return text
-
-
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--readme", type=Path, nargs="?", const=Path("README.md"), default=None,
-                        help="also rewrite the README's bench summary and estimate blocks (between their markers)")
-    args = parser.parse_args(argv)
+    parser.parse_args(argv)
     results = load_results()
     text = render(results)
     OUTPUT.parent.mkdir(parents=True, exist_ok=True)
     OUTPUT.write_text(text)
     write_json(provenance_document(results), PROVENANCE)
     print(f"wrote {OUTPUT}, {PROVENANCE}")
-    if args.readme:
-        readme = args.readme.read_text()
-        readme = estimate.replace_block(readme, SUMMARY_BEGIN, SUMMARY_END, readme_summary(results))
-        rate = estimate.gpu_rate(results.get("gpu_step"), results.get("gpu_batch"))
-        readme = estimate.replace_block(readme, estimate.BEGIN, estimate.END, estimate.markdown(estimate.estimate_rows(rate), rate))
-        args.readme.write_text(readme)
-        print(f"updated {args.readme}")
     return text
 
 

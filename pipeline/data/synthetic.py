@@ -46,7 +46,7 @@ CENTRE_RANGE = (0.25, 0.75)
 # Every colour (background, object, distractors) is one of these, jittered, for
 # every class alike. Few colours on purpose: with a free colour per image, two
 # crops of one image are matched by their colours alone, and self-supervision
-# learns colour instead of shape (README, "Why the embedded default learns").
+# learns colour instead of shape (docs/embedded-benchmark.md).
 PALETTE = ((0.9, 0.2, 0.2), (0.2, 0.8, 0.2), (0.2, 0.3, 0.9), (0.9, 0.9, 0.2), (0.9, 0.3, 0.9), (0.2, 0.9, 0.9))
 PALETTE_JITTER = 0.04
 # Minimum RGB distance (0..sqrt(3)) between object and background colour, so the

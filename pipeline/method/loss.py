@@ -16,7 +16,7 @@ Differences from the official ``iBOTLoss`` (none changes the optimised value):
 * One temperature (``teacher_temps[epoch]``) and one centre momentum serve both
   the [CLS] and the patch terms, as in the paper's runs.
 
-Options beside the paper's recipe (README, "Why the embedded default learns"):
+Options beside the paper's recipe (docs/embedded-benchmark.md):
 
 * ``centering="sinkhorn"`` replaces the EMA centre by Sinkhorn-Knopp
   normalisation of the teacher outputs over the batch (SwAV, DINOv2): each

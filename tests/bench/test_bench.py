@@ -108,14 +108,6 @@ def test_estimate_prefers_the_best_measured_rate_on_a_gpu():
     assert not estimate.gpu_rate(dry, {**batch, "machine": {"gpu": None}})["measured"]
 
 
-def test_readme_markers_are_replaced_and_required():
-    text = f"before\n{estimate.BEGIN}\nold table\n{estimate.END}\nafter\n"
-    new = estimate.replace_between_markers(text, "NEW")
-    assert "old table" not in new and "NEW" in new and new.startswith("before") and new.endswith("after\n")
-    with pytest.raises(ValueError):
-        estimate.replace_between_markers("no markers", "NEW")
-
-
 def _fake_case(device: str) -> dict:
     step = summarize([0.10, 0.11, 0.12])
     entry = {"step_seconds": step, "images_per_second": 64 / 0.11, "flops_per_step": 2e12,

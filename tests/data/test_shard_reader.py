@@ -157,7 +157,7 @@ def test_tampered_or_missing_shard_is_refused_by_name(shard_dir, tmp_path, damag
 
 
 def test_a_same_size_change_inside_an_image_takes_full_verification(shard_dir, tmp_path):
-    """What each level catches (README "Your own data"): index reads headers and labels, not the images."""
+    """What each level catches (README, "Your own data"): index reads headers and labels, not the images."""
     copy = damaged_copy(shard_dir, tmp_path, "flip_image")
     assert len(open_split(copy, "train", verify="index")) == len(open_split(shard_dir, "train"))
     with pytest.raises(ShardIntegrityError, match="train-000002.tar: shard train-000002.tar sha256"):

@@ -1,4 +1,4 @@
-"""dvc.yaml lists, per stage, exactly the params that can change its outputs (issue: the researcher's daily loop).
+"""dvc.yaml lists, per stage, exactly the params that can change its outputs: the researcher's daily loop.
 
 A key left out (config.NOT_OUTPUT_KEYS) must not change a byte of what the stage
 writes: each one is run both ways here on a tiny config. Changing it then reruns
