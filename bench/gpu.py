@@ -1,12 +1,42 @@
-"""The GPU harness: every GPU figure of reports/bench.md and the bf16 correctness check, in one command.
+"""The GPU harness: the CUDA determinism alerts, every GPU figure of reports/bench.md and the bf16 check, in one command.
 
-    bash bench/gpu.sh [part ...]          # on a CUDA machine (README "Benchmarks": the exact device call)
+    bash bench/gpu.sh [part ...]              # on a CUDA machine: the first call, <= 8 min (sizes below)
+    BENCH_GPU_WALL_S=0 bash bench/gpu.sh --full   # no time limit: the full repeat counts (12-15 min)
     .venv/bin/python -m bench.gpu --dry-run   # here, on CPU, tiny sizes: exercises every part before GPU time is spent
 
-Parts, in order (each writes ``<out>/<file>`` as soon as it ends, so a run cut
-short keeps what it finished; a part that would overrun ``--budget-s`` is
-skipped and named, run it again by name):
+On your own CUDA machine: ``make install`` (or any Python >= 3.11 with torch,
+timm, webdataset), then ``bash bench/gpu.sh`` from the repository root. It
+prints a summary table last and writes, to ``$OUT`` if set, else ``reports/bench/``:
+``gpu_alerts.json``, ``gpu_correctness.json``, ``gpu_step.json``, ``gpu_batch.json``,
+``gpu_data.json``, ``knn_cuda.json``, ``gpu_compile.json`` and ``gpu.log`` (the
+whole output): 8 files. A part that failed writes its file too, holding
+``{"error": ...}``.
 
+On a GPU machine with its own Python and torch and no network (e.g. Python
+3.12, torch 2.11): run ``make bench-gpu-deps`` where the lock is installed
+(build/gpu_site: the pure-Python packages such an image lacks or may hold at
+another version), copy the working tree with build/gpu_site there, run
+``OUT=<folder> bash bench/gpu.sh`` with a 9-minute limit, and copy ``<folder>``
+back into ``reports/bench/``.
+
+Parts, in order (each writes ``<out>/<file>`` as soon as it ends, so a run cut
+short keeps what it finished; a part that raises is recorded and the next one
+runs; a part that would overrun ``--budget-s`` is skipped and named, run it
+again by name; SIGTERM, as bench/gpu.sh's time limit sends it, ends the part
+in flight, records it and skips the rest):
+
+* ``alerts`` (gpu_alerts.json): one step of every torch stage
+  (:mod:`bench.stage_steps`: pre-training per masking strategy with local
+  crops, plus Sinkhorn/KoLeo/batched colour ops; fine-tuning; feature
+  extraction; the SGD linear probe; k-NN and few-shot k-NN) under
+  ``torch.use_deterministic_algorithms(True, warn_only=True)``, in one pass
+  over all stages, every non-determinism alert recorded. Format:
+  ``{"alerts": {stage: [message, ...]}, "where": {stage: {message: ["file.py:line"]}},
+  "errors": {stage: "Type: message"}, "other_warnings": {stage: [...]},
+  "stage_seconds": {stage: s}, "stages": [...], "clean": bool, ...}``; every
+  stage is a key of ``alerts``, an empty list when no alert fired (always on CPU).
+  ViT-S/16 multi-crop dims at batch 8 on CUDA (the attention kernels the real
+  run picks), params.yaml's model on the dry run.
 * ``correctness`` (gpu_correctness.json): one ViT-S/16 multi-crop step on the
   same batch and weights, float32 on the CPU vs bf16 autocast on the GPU;
   losses must agree within ``TOLERANCE`` (relative). Drop-path is off (its
@@ -22,11 +52,34 @@ skipped and named, run it again by name):
   the loader-drawn masks, then ``train_step`` (:class:`WholeSteps`).
 * ``batch`` (gpu_batch.json): the largest batch that fits: doubling from 64
   until out of memory, then one step between the last fit and the first OOM.
-* ``data`` (gpu_data.json): the multi-crop data path with 1-16 worker processes
-  on that machine's CPUs (does the loader keep up with the step?).
+* ``data`` (gpu_data.json): the multi-crop data path with 4 and 16 (``--full``:
+  1-16) worker processes on that machine's CPUs (does the loader keep up with the step?).
 * ``knn`` (knn_cuda.json): weighted k-NN, 1.28M x 384 train vs all 50k val rows.
 * ``compile`` (gpu_compile.json): ``pretrain.compile`` true vs false,
   compile time and steady-state speed-up.
+
+Time budget of the first call on one H200 (:data:`PART_SECONDS`; expected time,
+then the allowance a part needs left to start). From bench/flops.py a ViT-S/16
+multi-crop step (2 x 224 + 10 x 96 px) is 9.4 TFLOP at batch 64 (1.2 at 8, 150
+at 1024, 600 at 4096); the H200's dense bf16 peak is 989 TFLOP/s
+(bench/machine.py; ~790 measured on a matmul), so at 25-35 % MFU a batch-64
+step takes 35-50 ms:
+
+=========== ======== ========= ======================================================================
+part        expected allowance  what dominates
+=========== ======== ========= ======================================================================
+alerts        ~25 s     60 s   CUDA start and 9 ViT-S/16 set-ups; the batch-8 steps (1.2 TFLOP) take ms
+correctness   ~30 s     60 s   the float32 CPU side: 2 strategies x 4 steps of 1.2 TFLOP on 16 cores
+step          ~35 s     60 s   5 strategies x 7 rounds x 3 steps (~5 s) + 4 x 7 loader-fed steps + set-ups
+batch         ~40 s     75 s   5 steps per batch 64..4096: 127 x 64 images x 5 steps ~ 30 s, or an OOM sooner
+data          ~45 s     75 s   4 cases x 512 images x 2 epochs at 4 and 16 workers; 500x375 JPEG decode
+knn           ~20 s     45 s   1.33M x 384 synthetic features on the CPU; 2 x 49 TFLOP float32 + top-k
+compile      ~120 s    150 s   inductor's first compile of student + teacher (cold cache), 2 x 15 steps
+total        ~315 s            budget 440 s (parts skipped past it), bench/gpu.sh's hard wall 460 s
+=========== ======== ========= ======================================================================
+
+``--full`` restores the full repeat counts (10 rounds of 5 steps, 5 steps per
+batch trial, 1-16 workers; 12-15 min, a 900 s budget).
 """
 from __future__ import annotations
 
@@ -35,8 +88,11 @@ import gc
 import json
 import math
 import os
+import platform
+import signal
 import sys
 import tempfile
+import threading
 import time
 import traceback
 import warnings
@@ -55,32 +111,38 @@ from bench.bench_pretrain import case_params, fixed_crops, run_case, write_noise
 from bench.flops import NetworkDims, analytic_step_flops
 from bench.machine import device_peak, machine_info, measure_matmul_tflops
 from bench.memory import PeakMemory, tensor_mib
+from bench.stage_steps import STAGES, alert_pass
 from bench.stats import summarize
 
-PARTS = ("correctness", "step", "batch", "data", "knn", "compile")
-OUTPUTS = {"correctness": "gpu_correctness.json", "step": "gpu_step.json", "batch": "gpu_batch.json",
-           "data": "gpu_data.json", "knn": "knn_cuda.json", "compile": "gpu_compile.json"}
-# seconds each part may take on an H100 (generous): a part is skipped when fewer remain
-PART_SECONDS = {"correctness": 60, "step": 90, "batch": 150, "data": 120, "knn": 90, "compile": 300}
+PARTS = ("alerts", "correctness", "step", "batch", "data", "knn", "compile")
+OUTPUTS = {"alerts": "gpu_alerts.json", "correctness": "gpu_correctness.json", "step": "gpu_step.json",
+           "batch": "gpu_batch.json", "data": "gpu_data.json", "knn": "knn_cuda.json", "compile": "gpu_compile.json"}
+# seconds a part needs left to start (skipped when fewer remain), on one H200: the first call's sizes (the table of
+# the docstring: about 1.5-2x the expected time), and --full's (the former H100 figures, generous)
+PART_SECONDS = {"alerts": 60, "correctness": 60, "step": 60, "batch": 75, "data": 75, "knn": 45, "compile": 150}
+PART_SECONDS_FULL = {"alerts": 60, "correctness": 60, "step": 90, "batch": 150, "data": 120, "knn": 90, "compile": 300}
+BUDGET_S, BUDGET_S_FULL = 440.0, 900.0
+ALERT_BATCH, ALERT_IMAGES = 8, 16  # the alert pass: one step of each stage, on 16 noise images
 TOLERANCE = 1e-2  # relative loss difference, bf16 autocast vs float32 (bf16 rounding: 1e-3 to 1e-2)
 CASE = "vit_s16_multicrop"
 
 
 class Settings:
-    """Sizes for a real GPU run, or tiny ones for the CPU dry run."""
+    """Sizes for a real GPU run (the first call's, or ``full``), or tiny ones for the CPU dry run."""
 
-    def __init__(self, dry_run: bool):
-        self.dry_run = dry_run
+    def __init__(self, dry_run: bool, full: bool = False):
+        self.dry_run, self.full = dry_run, full and not dry_run
         self.device = torch.device("cpu" if dry_run else "cuda")
         self.case = "embedded" if dry_run else CASE
         self.step_batch = 8 if dry_run else 64
         self.correctness_batch = 4 if dry_run else 8
-        self.rounds = 2 if dry_run else 10
-        self.steps_per_sample = 1 if dry_run else 5
+        self.rounds = 2 if dry_run else (10 if self.full else 5)
+        self.steps_per_sample = 1 if dry_run else (5 if self.full else 3)
         self.batch_start, self.batch_cap = (8, 32) if dry_run else (64, 4096)
-        self.batch_steps = 1 if dry_run else 5  # steps per timed sample in the batch search
-        self.workers = (1, 2) if dry_run else (1, 2, 4, 8, 16)
+        self.batch_steps = 1 if dry_run else (5 if self.full else 1)  # steps per timed sample in the batch search
+        self.workers = (1, 2) if dry_run else ((1, 2, 4, 8, 16) if self.full else (4, 16))
         self.compile_backend = "aot_eager" if dry_run else "inductor"  # inductor on CPU takes minutes
+        self.part_seconds = PART_SECONDS_FULL if self.full else PART_SECONDS
 
 
 def _params(settings: Settings, batch: int, **pretrain: Any) -> dict[str, Any]:
@@ -100,6 +162,20 @@ def _sync(device: torch.device) -> None:
 
 
 # ------------------------------------------------------------------ parts
+def alerts(settings: Settings) -> dict[str, Any]:
+    """:func:`bench.stage_steps.alert_pass` over every stage on the device: ViT-S/16 multi-crop dims on CUDA."""
+    device = settings.device
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = _params(settings, ALERT_BATCH, num_workers=0, eval_every=0, min_steps=0)
+        raw = write_noise_shards(raw, Path(tmp), ALERT_IMAGES)
+        result = alert_pass(raw, Path(tmp) / "shards", Path(tmp) / "stages", device)
+    result["stage_seconds"] = result.pop("seconds")
+    return {"machine": machine_info(), "device": str(device), "case": settings.case, "batch": ALERT_BATCH,
+            "mode": "torch.use_deterministic_algorithms(True, warn_only=True)", "stages": list(STAGES),
+            "clean": not any(result["alerts"].values()) and not result["errors"], **result,
+            "note": "an alert torch raises once per process (TORCH_WARN_ONCE) is listed under the first stage only"}
+
+
 def correctness(settings: Settings) -> dict[str, Any]:
     """float32 CPU vs bf16 GPU: teacher outputs and the loss of the first steps, same weights and batch.
 
@@ -359,20 +435,32 @@ def _break_even(first: dict[str, Any], eager: float, compiled: float) -> float |
 
 
 # ------------------------------------------------------------------ driver
+class Stopped(BaseException):
+    """SIGTERM (bench/gpu.sh's time limit): not an Exception, so no part or stage swallows it."""
+
+
+def _stop(signum: int, _frame: Any) -> None:
+    raise Stopped(f"stopped by signal {signum} (the command's time limit)")
+
+
 def run_parts(parts: list[str], settings: Settings, out: Path, budget_s: float) -> dict[str, str]:
     configure_determinism()
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     status: dict[str, str] = {}
     actions: dict[str, Callable[[], dict[str, Any] | None]] = {
+        "alerts": lambda: alerts(settings),
         "correctness": lambda: correctness(settings), "step": lambda: step(settings),
         "batch": lambda: largest_batch(settings), "data": lambda: data(settings),
         "knn": lambda: knn(settings, out), "compile": lambda: compile_speedup(settings),
     }
+    stopped: str | None = None
     for part in parts:
         left = budget_s - (time.perf_counter() - start)
-        if not settings.dry_run and left < PART_SECONDS[part]:
-            status[part] = f"skipped: {left:.0f} s of the {budget_s:.0f} s budget left, needs ~{PART_SECONDS[part]} s"
+        needs = settings.part_seconds[part]
+        if stopped or (not settings.dry_run and left < needs):
+            status[part] = f"skipped: {stopped}" if stopped else \
+                f"skipped: {left:.0f} s of the {budget_s:.0f} s budget left, needs ~{needs} s"
             print(f"== {part}: {status[part]}", flush=True)
             continue
         print(f"== {part}", flush=True)
@@ -384,22 +472,44 @@ def run_parts(parts: list[str], settings: Settings, out: Path, budget_s: float) 
                 (out / OUTPUTS[part]).write_text(json.dumps(result, indent=2, sort_keys=True, default=str) + "\n")
             status[part] = f"ok ({time.perf_counter() - part_start:.0f} s)"
             _summary(part, result)
-        except Exception as error:  # keep going: later parts are independent
+        except (Exception, Stopped) as error:  # keep going: later parts are independent (not after a stop)
             traceback.print_exc()
             status[part] = f"failed: {type(error).__name__}: {error}"
-            (out / OUTPUTS[part]).write_text(json.dumps({"error": status[part], "machine": machine_info()}, indent=2) + "\n")
+            if isinstance(error, Stopped):
+                stopped = str(error)
+            (out / OUTPUTS[part]).write_text(json.dumps({"error": status[part], "machine": machine_info(),
+                                                         "seconds": time.perf_counter() - part_start}, indent=2) + "\n")
         gc.collect()
         if settings.device.type == "cuda":
             torch.cuda.empty_cache()
-    print("== summary")
+        # determinism as the pipeline runs (a part may have changed it): strict, not warn-only
+        configure_determinism()
+    print(f"== summary ({time.perf_counter() - start:.0f} s)")
     for part, line in status.items():
         print(f"  {part:12s} {line}")
-    print("copy the JSON files into reports/bench/, then: .venv/bin/python -m bench.render --readme")
+    print("copy the JSON files into reports/bench/, then: .venv/bin/python -m bench.render (writes reports/bench.md)")
     return status
 
 
+def versions_line() -> str:
+    """Python, torch, timm, webdataset and CUDA as this process imports them (and from where)."""
+    import timm
+    import webdataset
+
+    cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA device"
+    return (f"python {platform.python_version()}, torch {torch.__version__} (CUDA {torch.version.cuda}), "
+            f"timm {timm.__version__} ({Path(timm.__file__).parent.parent}), "
+            f"webdataset {getattr(webdataset, '__version__', '?')}; {cuda}")
+
+
 def _summary(part: str, result: dict[str, Any]) -> None:
-    if part == "correctness":
+    if part == "alerts":
+        fired = {stage: len(messages) for stage, messages in result["alerts"].items() if messages}
+        print(f"  {len(result['alerts'])} stages, non-determinism alerts: {fired or 'none'}; "
+              f"failed stages: {sorted(result['errors']) or 'none'}")
+        for message in dict.fromkeys(m for messages in result["alerts"].values() for m in messages):
+            print(f"    {message[:160]}")
+    elif part == "correctness":
         for s, r in result["strategies"].items():
             d = r["relative_difference"]
             print(f"  {s}: relative difference loss {d['loss_total']:.2e}, teacher logits {d['teacher_cls_logits']:.2e} / "
@@ -421,7 +531,9 @@ def main(argv: list[str] | None = None) -> dict[str, str]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("parts", nargs="*", default=list(PARTS), help=f"any of {PARTS} (default: all)")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or "reports/bench"))
-    parser.add_argument("--budget-s", type=float, default=540.0, help="skip parts that would not end within this")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help=f"skip parts that would not end within this (default {BUDGET_S:.0f}, --full {BUDGET_S_FULL:.0f})")
+    parser.add_argument("--full", action="store_true", help="the full repeat counts (no 8-minute limit)")
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes: check the harness itself")
     args = parser.parse_args(argv)
     unknown = [p for p in args.parts if p not in PARTS]
@@ -429,7 +541,16 @@ def main(argv: list[str] | None = None) -> dict[str, str]:
         parser.error(f"unknown parts {unknown}; choose from {PARTS}")
     if not args.dry_run and not torch.cuda.is_available():
         sys.exit("bench.gpu: no CUDA device here; use --dry-run to check the harness on CPU")
-    return run_parts(args.parts, Settings(args.dry_run), args.out, args.budget_s)
+    configure_determinism()  # CUBLAS_WORKSPACE_CONFIG before anything touches CUDA
+    print(versions_line(), flush=True)
+    budget = args.budget_s if args.budget_s is not None else (BUDGET_S_FULL if args.full else BUDGET_S)
+    main_thread = threading.current_thread() is threading.main_thread()  # signal handlers: main thread only
+    previous = signal.signal(signal.SIGTERM, _stop) if main_thread else None
+    try:
+        return run_parts(args.parts, Settings(args.dry_run, args.full), args.out, budget)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -13,30 +13,17 @@ allowed: they run, deterministically, because the mode is on.
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from pipeline.core.config import params_from_dict
-from pipeline.core.distributed import DistContext
-from pipeline.core.strategies import MASKING_STRATEGIES
-from pipeline.data.shard_reader import open_split
 from pipeline.evaluation import finetune as finetune_module
-from pipeline.evaluation.extract import _vit_extractor, extract_split
-from pipeline.evaluation.feature_files import FeatureSet
-from pipeline.evaluation.finetune import Finetuner
-from pipeline.evaluation.knn import fewshot_knn, weighted_knn
-from pipeline.evaluation.linear_sgd import LinearSgdProbe
 from pipeline.method import model as model_module
-from pipeline.method.backbone_export import random_backbone, random_backbone_state
-from pipeline.method.training import Pretrainer, PretrainPaths
+from bench.stage_steps import (PRETRAIN_CASES, extract_step, finetune_step, knn_step, linear_sgd_step,
+                               pretrain_step)
 from tests.conftest import tiny_params_dict
-
-CPU = torch.device("cpu")
 
 # Source: the docstring of torch.use_deterministic_algorithms (torch 2.14), its list "The following
 # normally-nondeterministic operations will throw a RuntimeError when mode=True", each entry mapped to
@@ -113,84 +100,39 @@ def assert_no_raising_op(names: set[str], stage: str) -> None:
 
 
 # --------------------------------------------------------------------------- stages
-
-# 16 px globals and 8 px locals on a 16 px, patch-4 model: every local crop resizes pos_embed (4x4 -> 2x2)
-PRETRAIN_CASES = {strategy: {"masking": {"strategy": strategy, "prob": 1.0}} for strategy in MASKING_STRATEGIES}
-PRETRAIN_CASES["random_sinkhorn_koleo_batched"] = {
-    "masking": {"strategy": "random", "prob": 1.0},
-    "pretrain": {"centering": "sinkhorn", "koleo_weight": 0.1},
-    "augment": {"photometric": "batched"},  # the colour ops then run on the training device
-}
-# a 20 px eval crop: a 5 x 5 grid against the model's 4 x 4, so fine-tuning differentiates through the resize
-EVAL_SIZE = {"extract": {"image_size": 20}}
-
-
-def pretrain_step(tiny_folder: Path, tiny_shards: Path, out: Path, **sections: dict[str, Any]) -> Callable[[], Any]:
-    params = params_from_dict(tiny_params_dict(tiny_folder, **sections))
-    trainer = Pretrainer(params, PretrainPaths.under(tiny_shards, out / "models", out / "reports"), CPU,
-                         DistContext(), progress_bar=False)
-    assert trainer.params.augment.local_number > 0
-    return lambda: trainer.train_step(next(iter(trainer.batches(0, 0))), 0, 0)
-
-
-def finetune_step(tiny_folder: Path, tiny_shards: Path) -> Callable[[], Any]:
-    params = params_from_dict(tiny_params_dict(tiny_folder, finetune={"batch_size": 8, "num_workers": 0},
-                                               **EVAL_SIZE))
-    tuner = Finetuner(params, "random_init", random_backbone_state(params.model, params.seed),
-                      open_split(tiny_shards, "train"), open_split(tiny_shards, "val"), CPU, progress_bar=False)
-    images, labels = next(tuner.train_batches(0))
-    assert images.shape[-1] == 20
-    return lambda: (tuner.train_step(images, labels, 0, 0), tuner.evaluate())
+# The steps (bench/stage_steps.py, shared with the GPU harness's alert pass) on the tests' tiny config:
+# 16 px globals and 8 px locals on a 16 px, patch-4 model, so every local crop resizes pos_embed (4x4 -> 2x2),
+# and 20 px eval crops (a 5 x 5 grid against the model's 4 x 4), so fine-tuning differentiates through the resize.
 
 
 @pytest.mark.parametrize("case", list(PRETRAIN_CASES))
 def test_pretrain_step(case, tiny_folder, tiny_shards, tmp_path):
-    names = recorded_ops(pretrain_step(tiny_folder, tiny_shards, tmp_path, **PRETRAIN_CASES[case]))
+    names = recorded_ops(pretrain_step(tiny_params_dict(tiny_folder, **PRETRAIN_CASES[case]), tiny_shards, tmp_path))
     # the backward, the EMA and the local crops' pos_embed resize were all seen
     assert {"native_layer_norm_backward", "_foreach_add", "_upsample_bicubic2d_aa"} <= names
     assert_no_raising_op(names, f"pretrain ({case})")
 
 
 def test_finetune_step(tiny_folder, tiny_shards):
-    names = recorded_ops(finetune_step(tiny_folder, tiny_shards))
+    names = recorded_ops(finetune_step(tiny_params_dict(tiny_folder), tiny_shards))
     assert {"native_layer_norm_backward", "_upsample_bicubic2d_aa"} <= names  # differentiated through the resize
     assert_no_raising_op(names, "finetune")
 
 
 def test_feature_extraction(tiny_folder, tiny_shards):
-    params = params_from_dict(tiny_params_dict(tiny_folder, **EVAL_SIZE))
-    extractor = _vit_extractor(random_backbone(params.model, params.seed), 2, True, CPU)
-    split = open_split(tiny_shards, "val")
-    names = recorded_ops(lambda: extract_split(split, {"random_init": extractor}, image_size=20, batch_size=8,
-                                               device=CPU, progress_bar=False))
+    names = recorded_ops(extract_step(tiny_params_dict(tiny_folder), tiny_shards))
     assert "_upsample_bicubic2d_aa" in names  # the resize ran (forward only: deterministic)
     assert_no_raising_op(names, "extract")
 
 
 def test_linear_sgd_probe(tiny_folder, tiny_shards, tmp_path):
-    params = params_from_dict(tiny_params_dict(
-        tiny_folder, linear_sgd={"enabled": True, "epochs": 1, "batch_size": 12, "n_last_blocks": 2, "num_workers": 0},
-        **EVAL_SIZE))
-    probe = LinearSgdProbe(params, "random_init", random_backbone_state(params.model, params.seed),
-                           open_split(tiny_shards, "train"), open_split(tiny_shards, "val"), CPU,
-                           tmp_path / "probe.pt", progress_bar=False)
-    names = recorded_ops(lambda: (probe.train_epoch(0, None), probe.evaluate()))
+    names = recorded_ops(linear_sgd_step(tiny_params_dict(tiny_folder), tiny_shards, tmp_path))
     assert "addmm" in names or "mm" in names
     assert_no_raising_op(names, "linear_sgd")
 
 
 def test_knn_and_fewshot():
-    rng = np.random.default_rng(0)
-    features = rng.normal(size=(60, 16)).astype(np.float32)
-    labels = np.repeat(np.arange(3), 20)
-    train = FeatureSet(features[::2].copy(), labels[::2].copy(), np.array([f"t{i}" for i in range(30)]))
-    val = FeatureSet(features[1::2].copy(), labels[1::2].copy(), np.array([f"v{i}" for i in range(30)]))
-
-    def run() -> None:
-        weighted_knn(train.features, train.labels, val.features, val.labels, [1, 5, 20], chunk_size=7)
-        fewshot_knn(train, val, shots=[1, 2], draws=2, k=3, temperature=0.07, seed=0)
-
-    names = recorded_ops(run)
+    names = recorded_ops(knn_step())
     assert "topk" in names
     assert_no_raising_op(names, "knn")
 
@@ -203,8 +145,8 @@ def test_audit_fails_with_timms_pos_embed_resize(tiny_folder, tiny_shards, tmp_p
     monkeypatch.setattr(model_module, "pos_embed", lambda vit, x: vit._pos_embed(x))
     monkeypatch.setattr(finetune_module, "use_deterministic_pos_embed", lambda model: model)
     steps = {
-        "pretrain": pretrain_step(tiny_folder, tiny_shards, tmp_path, **PRETRAIN_CASES["attmask_high"]),
-        "finetune": finetune_step(tiny_folder, tiny_shards),
+        "pretrain": pretrain_step(tiny_params_dict(tiny_folder, **PRETRAIN_CASES["attmask_high"]), tiny_shards, tmp_path),
+        "finetune": finetune_step(tiny_params_dict(tiny_folder), tiny_shards),
     }
     for stage, step in steps.items():
         names = recorded_ops(step)

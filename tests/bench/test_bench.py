@@ -209,6 +209,48 @@ def test_gpu_harness_dry_run_writes_what_the_report_renders(tmp_path):
     assert "**Largest batch** (attmask_high)" in text and "**torch.compile** (attmask_high" in text
 
 
+@pytest.mark.slow
+def test_gpu_alert_pass_dry_run_lists_every_stage_with_no_alert_on_cpu(tmp_path):
+    """`bench.gpu --dry-run alerts`: one step of every torch stage in one pass; the CPU raises no alert (~30 s)."""
+    from bench import gpu
+    from bench.stage_steps import STAGES
+
+    status = gpu.main(["--dry-run", "--out", str(tmp_path), "alerts"])
+    assert list(status) == ["alerts"] and status["alerts"].startswith("ok ("), status
+    result = json.loads((tmp_path / "gpu_alerts.json").read_text())
+    assert len(STAGES) == 10 and {"finetune", "extract", "linear_sgd", "knn", "pretrain/attmask_high"} <= set(STAGES)
+    assert sorted(result["alerts"]) == sorted(STAGES) and result["stages"] == list(STAGES)  # the file's keys: sorted
+    assert result["alerts"] == {stage: [] for stage in STAGES} and result["errors"] == {} and result["clean"]
+    assert set(result["stage_seconds"]) == set(STAGES) and result["device"] == "cpu"
+    assert torch.are_deterministic_algorithms_enabled() and not torch.is_deterministic_algorithms_warn_only_enabled()
+
+
+def test_alert_pass_records_every_stages_alerts_goes_on_after_a_failure_and_restores_the_mode():
+    """Planted stages: Tensor.put_ (accumulate=False) alerts on the CPU too, forward and backward."""
+    from bench.stage_steps import alert_pass
+
+    def put() -> None:
+        x = torch.zeros(4, requires_grad=True)
+        x.clone().put_(torch.tensor([0, 0]), torch.tensor([1.0, 2.0])).sum().backward()
+
+    def broken_build():
+        raise ValueError("no such stage")
+
+    stages = {"alerting": lambda: put, "broken": broken_build, "clean": lambda: (lambda: torch.ones(3).sum())}
+    torch.use_deterministic_algorithms(True)
+    try:
+        result = alert_pass({}, None, None, torch.device("cpu"), stages=stages)
+        assert torch.are_deterministic_algorithms_enabled() and not torch.is_deterministic_algorithms_warn_only_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert list(result["alerts"]) == ["alerting", "broken", "clean"]
+    [message] = result["alerts"]["alerting"]  # forward and backward alert alike: one message, two places
+    assert message.startswith("put_ does not have a deterministic implementation")
+    assert len(result["where"]["alerting"][message]) == 2
+    assert result["alerts"]["broken"] == [] and result["errors"] == {"broken": "ValueError: no such stage"}
+    assert result["alerts"]["clean"] == []
+
+
 def test_numerics_section_names_what_differs_from_portable_and_the_cost(tmp_path):
     def entry(weights, probe, numpy, differ, ms=(100.0,)):
         runs = [{"step_seconds": m / 1000, "weights": weights, "probe": probe, "numpy": numpy} for m in ms]
@@ -450,7 +492,6 @@ def test_an_overhead_within_its_own_range_is_marked_noise_and_mfu_names_its_deno
     assert "attmask_high -12.0% (noise), attmask_low -9.5%." in notes
     assert "the rate of a timed matmul, 72.7 TFLOP/s (test peak): the share of what a large matrix product" in notes
     assert "0.880 (0.810-1.040, n=3) noise |" in "\n".join(render.step_table(case))
-    assert "attmask_high x0.880 (within its range: noise), attmask_low x0.900 (median" in render._step_line(case)
     case["peak"] = {"tflops": 989.4, "source": "H100 SXM datasheet, dense bf16"}
     assert "/ peak; peak 989 TFLOP/s (H100 SXM datasheet, dense bf16)." in "\n".join(render.step_notes(case))
 
