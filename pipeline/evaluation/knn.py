@@ -217,6 +217,19 @@ def slice_fewshot_indices(labels: np.ndarray, paths: Sequence[str], shots: int, 
     return np.sort(np.concatenate(picked))
 
 
+def shortfall(shots: int, needed: int, draws: int, slices: bool, counts: dict[int, int], short: Sequence[int]) -> str:
+    """Why a shot count is skipped, in one line: what it needs per class, the smallest class, how many fall short.
+
+    ``"needs 100 train images per class (5 draws x 20 shots, slices do not overlap); class 0 has 5,
+    1000 of 1000 classes have fewer"``
+    """
+    worst = min(short, key=lambda c: (counts[c], c))
+    images = f"{needed} train image{'s' if needed != 1 else ''} per class"
+    need = f"{images} ({draws} draws x {shots} shots, slices do not overlap)" if slices else images
+    others = f", {len(short)} of {len(counts)} classes have fewer" if len(short) > 1 else ""
+    return f"needs {need}; class {worst} has {counts[worst]}{others}"
+
+
 def fewshot_knn(
     train: FeatureSet,
     val: FeatureSet,
@@ -235,8 +248,11 @@ def fewshot_knn(
     images' ``paths`` (N_train,) contiguous slices in path order
     (:func:`slice_fewshot_indices`, the official protocol). Every class of train
     or val must offer ``s`` train images (``draws x s`` for slices); otherwise
-    that shot count is skipped with a warning (kept in the result) instead of
-    failing. k is clamped to the ``s x C`` picked images.
+    that shot count is skipped, never computed from fewer shots or draws than
+    asked: a warning, and the reason under ``skipped`` (:func:`shortfall`), so
+    the other shot counts still come out (a 5% share of ImageNet-1k has 36
+    images in its smallest class: 10- and 20-shot slices cannot be cut there).
+    k is clamped to the ``s x C`` picked images.
 
     Returns:
         ``{str(s): {"mean", "std", "runs": [top-1 per draw], "k": effective k}, ...,
@@ -254,10 +270,7 @@ def fewshot_knn(
         needed = s if paths is None else draws * s  # slices do not overlap
         short = [c for c, n in counts.items() if n < needed]
         if short:
-            worst = min(short, key=lambda c: (counts[c], c))
-            reason = f"class {worst} has {counts[worst]} train images"
-            if len(short) > 1:
-                reason += f" ({len(short)} classes have fewer than {needed})"
+            reason = shortfall(s, needed, draws, paths is not None, counts, short)
             warnings.warn(f"few-shot {s}: skipped, {reason}", stacklevel=2)
             skipped[str(s)] = reason
             continue

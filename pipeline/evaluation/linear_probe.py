@@ -6,10 +6,16 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from pipeline.core.config import ParamsError
+from pipeline.core.errors import UserError
 from pipeline.core.seeding import derive_seed
 from pipeline.evaluation.feature_files import FeatureSet
 
 _EPS = 1e-12  # as F.normalize: an all-zero feature row stays zero
+
+
+class ProbeDataError(UserError, ValueError):
+    """The train features cannot be probed at all (fewer than two classes); the message says what was found."""
 
 
 def l2_normalize(features: np.ndarray) -> np.ndarray:
@@ -51,13 +57,8 @@ def linear_probe(
         raise ValueError(f"train features have D={train.dim} but val features D={val.dim}")
     classes, counts = np.unique(train.labels, return_counts=True)
     if len(classes) < 2:
-        raise ValueError(f"the linear probe needs at least 2 train classes, got {len(classes)}")
-    if counts.min() < cv_folds:
-        worst = int(classes[np.argmin(counts)])
-        raise ValueError(
-            f"linear.cv_folds={cv_folds}: class {worst} has only {int(counts.min())} train images, "
-            "too few for stratified cross-validation"
-        )
+        raise ProbeDataError(f"the linear probe needs at least 2 train classes, got {len(classes)}")
+    check_folds(classes, counts, cv_folds)
     random_state = derive_seed(seed, "linear") % 2**32  # sklearn wants a 32-bit seed
     search = GridSearchCV(
         LogisticRegression(max_iter=max_iter, random_state=random_state),
@@ -87,6 +88,27 @@ def linear_probe(
         "num_val": len(val),
         "preprocessing": "l2",
     }
+
+
+def check_folds(classes: np.ndarray, counts: np.ndarray, cv_folds: int) -> None:
+    """Stratified ``cv_folds``-fold CV needs ``cv_folds`` train images in every class (each fold scores one).
+
+    At 1,000 classes with a few images each (a small subset, a rehearsal) the smallest class decides.
+    The folds are not lowered behind the user's back: the C chosen would come from another protocol.
+
+    Raises:
+        ParamsError: ``linear.cv_folds``, naming the smallest class, how many classes fall short and what to set.
+    """
+    short = counts < cv_folds
+    if not short.any():
+        return
+    worst = int(np.argmin(counts))
+    least = int(counts[worst])
+    others = f" ({int(short.sum())} of {len(classes)} classes have fewer than {cv_folds})" if short.sum() > 1 else ""
+    fix = (f"set linear.cv_folds to at most {least} or use more train images per class" if least >= 2 else
+           "cross-validation needs at least 2 per class; use more train images per class")
+    raise ParamsError("linear.cv_folds", f"{cv_folds} stratified folds need {cv_folds} train images in every class; "
+                                         f"class {int(classes[worst])} has only {least}{others}: {fix}")
 
 
 def _c_key(c: float) -> str:

@@ -204,6 +204,15 @@ def test_subset_count_rules():
         subset_count(7, per_class=1, percent=5)
 
 
+def test_subset_counts_at_imagenet_scale():
+    """The rehearsal's question, answered: the paper's shares round per class, never to an empty class."""
+    assert subset_count(1300, per_class=260) == 260 and subset_count(732, per_class=260) == 260  # the 20% preset
+    assert subset_count(1300, percent=20) == 260  # 20% of a full class is the official --subset 260
+    assert [subset_count(n, percent=5) for n in (732, 1300)] == [36, 65]  # share-5: the smallest and largest class
+    assert [subset_count(n, percent=10) for n in (732, 1300)] == [73, 130]
+    assert subset_count(5, percent=5) == 1 and subset_count(5, per_class=260) == 5  # a rehearsal's 5 per class
+
+
 def test_subset_is_deterministic_and_seeded():
     items = [f"f{i:02d}" for i in range(40)]
     first = select_subset(items, seed=0, class_name="a", per_class=10)

@@ -256,3 +256,34 @@ def test_stage_without_backbone_fails_naming_it(tiny_folder, tiny_shards, tmp_pa
         extract.main(make_params(tiny_folder), progress_bar=False)
     assert not (work / "data" / "features").exists()
     assert not (work / "reports").exists()
+
+
+def test_the_pixel_baseline_is_left_out_when_its_features_would_not_fit(tiny_folder, tiny_shards, tmp_path, exported,
+                                                                        monkeypatch, capsys):
+    """At the paper's 224 px the raw-pixel baseline of the 20% ImageNet train split alone is 157 GB of float32,
+    gathered in memory before it is written: the stage leaves it out, says why in one line and in extract.json,
+    removes an earlier run's pixel features, and the embedded sizes keep it (and their extract.json unchanged)."""
+    from stages import extract
+
+    paper = params_from_dict({"model": {"arch": "vit_small_patch16_224", "patch_size": 16, "img_size": 224,
+                                        "depth": None, "embed_dim": None, "num_heads": None}, "augment": {
+                                            "global_size": 224, "local_size": 96}})
+    variants, left_out = extract.feature_variants(paper, {"train": 260_000, "val": 50_000})
+    assert variants == ("pretrained", "random_init") and set(left_out) == {"pixels"}
+    assert left_out["pixels"].startswith("310,000 images x 3 x 224 x 224 float32 = 173.8 GiB of raw-pixel features")
+    assert extract.feature_variants(params_from_dict({}), {"train": 5000, "val": 500}) == (VARIANTS, {})
+
+    params, _, backbone = exported
+    work = stage_workdir(tmp_path, tiny_folder, tiny_shards, backbone)
+    (work / "data" / "features" / "pixels").mkdir(parents=True)
+    (work / "data" / "features" / "pixels" / "train.npz").write_bytes(b"an earlier run's")
+    monkeypatch.chdir(work)
+    monkeypatch.setattr(extract, "PIXELS_MAX_BYTES", 1000)  # the tiny split's 48 images x 768 floats do not fit
+    summary = extract.main(make_params(tiny_folder), progress_bar=False)
+    assert set(summary["variants"]) == {"pretrained", "random_init"} and "pixels" in summary["left_out"]
+    assert not (work / "data" / "features" / "pixels").exists()
+    assert json.loads((work / "reports" / "eval" / "extract.json").read_text())["left_out"] == summary["left_out"]
+    assert "extract: pixels left out: 48 images x 3 x 16 x 16 float32" in capsys.readouterr().out
+    monkeypatch.setattr(extract, "PIXELS_MAX_BYTES", 2 * 2**30)
+    summary = extract.main(make_params(tiny_folder), progress_bar=False)
+    assert set(summary["variants"]) == set(VARIANTS) and "left_out" not in summary

@@ -169,9 +169,9 @@ def test_fewshot_is_seeded_and_skips_short_classes_with_a_warning():
     train = blobs(classes=3, per_class=12, dim=4, seed=0, spread=2.0)
     train = train.subset(np.flatnonzero((train.labels != 2) | (np.arange(len(train)) % 12 < 5)))  # class 2: 5 images
     val = blobs(classes=3, per_class=10, dim=4, seed=1, spread=2.0)
-    with pytest.warns(UserWarning, match="few-shot 10: skipped, class 2 has 5 train images"):
+    with pytest.warns(UserWarning, match="few-shot 10: skipped, needs 10 train images per class; class 2 has 5$"):
         result = fewshot_knn(train, val, shots=[1, 5, 10], draws=4, k=20, temperature=0.07, seed=3)
-    assert result["skipped"] == {"10": "class 2 has 5 train images"}
+    assert result["skipped"] == {"10": "needs 10 train images per class; class 2 has 5"}
     assert set(result) == {"1", "5", "skipped"}
     assert len(set(result["1"]["runs"])) > 1  # different draws, different accuracies
     with pytest.warns(UserWarning):
@@ -184,7 +184,7 @@ def test_fewshot_counts_classes_missing_from_train():
     val = blobs(classes=3, per_class=2, dim=4, seed=1)  # class 2 has no train images at all
     with pytest.warns(UserWarning):
         result = fewshot_knn(train, val, shots=[1], draws=1, k=5, temperature=0.07, seed=0)
-    assert result == {"skipped": {"1": "class 2 has 0 train images"}}
+    assert result == {"skipped": {"1": "needs 1 train image per class; class 2 has 0"}}
 
 
 # ------------------------------------------------- fewshot.draw: slices (the official low-shot protocol)
@@ -215,7 +215,8 @@ def test_fewshot_with_paths_takes_disjoint_slices_and_needs_draws_times_shots(mo
         return real(train_features, *args, **kwargs)
 
     monkeypatch.setattr(evaluation, "weighted_knn", spy)
-    with pytest.warns(UserWarning, match="few-shot 3: skipped, class 0 has 8 train images"):
+    with pytest.warns(UserWarning, match=r"few-shot 3: skipped, needs 9 train images per class \(3 draws x 3 shots, "
+                                         r"slices do not overlap\); class 0 has 8, 3 of 3 classes have fewer"):
         result = fewshot_knn(train, val, shots=[2, 3], draws=3, k=20, temperature=0.07, seed=0, paths=paths)
     assert set(result) == {"2", "skipped"}  # 3 draws x 3 shots > 8 images per class
     assert len(seen) == 3 and not (seen[0] & seen[1] or seen[1] & seen[2] or seen[0] & seen[2])

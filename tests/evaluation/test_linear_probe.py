@@ -60,5 +60,44 @@ def test_linear_probe_is_deterministic_and_checks_folds():
     val = blobs(classes=3, per_class=5, dim=8, seed=1, spread=2.0)
     first = linear_probe(train, val, c_values=[0.1, 10.0], cv_folds=3, max_iter=200, seed=5)
     assert first == linear_probe(train, val, c_values=[0.1, 10.0], cv_folds=3, max_iter=200, seed=5)
-    with pytest.raises(ValueError, match="cv_folds=20: class 0 has only 10 train images"):
+    with pytest.raises(ValueError, match="linear.cv_folds: 20 stratified folds need 20 train images in every class; "
+                                         "class 0 has only 10 "):
         linear_probe(train, val, c_values=[1.0], cv_folds=20, max_iter=100, seed=0)
+
+
+def test_too_few_images_per_class_for_the_folds_is_one_params_line_not_a_traceback(tmp_path, monkeypatch, capsys):
+    """1,000 classes with 2 train images each (a small subset of ImageNet-1k) and the default 3 folds: the
+    probe refuses before any fit, naming linear.cv_folds, the smallest class, how many fall short and the fix;
+    the stage prints that one line and exits 2. The folds are never lowered silently (C would come from
+    another protocol)."""
+    from pipeline.core.config import ParamsError, params_from_dict
+    from pipeline.core.errors import UserError
+    from pipeline.evaluation.feature_files import save_features
+    from stages import linear as stage
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(1000), 2)
+    train = FeatureSet.from_arrays(rng.normal(size=(2000, 8)).astype(np.float32), labels)
+    val = FeatureSet.from_arrays(rng.normal(size=(1000, 8)).astype(np.float32), np.arange(1000))
+    with pytest.raises(ParamsError) as error:
+        linear_probe(train, val, c_values=[1.0], cv_folds=3, max_iter=10, seed=0)
+    assert error.value.key == "linear.cv_folds" and isinstance(error.value, UserError)
+    assert str(error.value) == ("linear.cv_folds: 3 stratified folds need 3 train images in every class; class 0 has "
+                                "only 2 (1000 of 1000 classes have fewer than 3): set linear.cv_folds to at most 2 "
+                                "or use more train images per class")
+    one = FeatureSet.from_arrays(train.features[:1001], labels[:1001])  # class 500 keeps a single image
+    with pytest.raises(ParamsError, match="class 500 has only 1: cross-validation needs at least 2 per class; use more"):
+        linear_probe(one, val, c_values=[1.0], cv_folds=2, max_iter=10, seed=0)
+
+    for split, data in (("train", train), ("val", val)):
+        save_features(tmp_path / "data" / "features" / "pretrained" / f"{split}.npz", data)
+    (tmp_path / "params.yaml").write_text("linear: {cv_folds: 3}\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("ATTMASK_TRACEBACK", raising=False)
+    from stages import EXIT_USER_ERROR, run_stage
+
+    with pytest.raises(SystemExit) as exited:
+        run_stage("linear", stage.main, enabled=False)
+    assert exited.value.code == EXIT_USER_ERROR
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("linear: pipeline.core.config.ParamsError: linear.cv_folds: 3 "), err

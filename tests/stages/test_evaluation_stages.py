@@ -68,7 +68,7 @@ def test_fewshot_stage_writes_json_with_skipped_shots(feature_tree, default_para
     written = json.loads((feature_tree / "reports" / "eval" / "fewshot.json").read_text())
     assert set(written) == {"pretrained", "random_init"}
     assert set(written["pretrained"]) == {"1", "5", "10", "skipped"}
-    assert written["pretrained"]["skipped"] == {"20": "class 0 has 12 train images (3 classes have fewer than 20)"}
+    assert written["pretrained"]["skipped"] == {"20": "needs 20 train images per class; class 0 has 12, 3 of 3 classes have fewer"}
     assert len(written["pretrained"]["1"]["runs"]) == default_params.fewshot.draws
     assert written["pretrained"]["10"]["mean"] == 100.0
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 
 import pytest
 import yaml
@@ -52,13 +53,75 @@ def test_full_imagenet_and_data_share_change_what_the_paper_changes():
     assert share.data.per_class is None and share.data.percent == 5
 
 
-def test_dry_run_prints_the_dvc_command_and_every_value_reads_back(capsys):
-    assert preset.main(["imagenet-20pct", "table1-attmask-hint", "--dry-run", "--queue"]) == 0
-    command = capsys.readouterr().out.strip()
-    assert command.startswith("dvc exp run --queue --name imagenet-20pct+table1-attmask-hint --set-param ")
-    assert "--set-param pretrain.min_lr=1.0e-06" in command  # a number for DVC, not the string '1e-06'
+def test_dry_run_prints_the_changes_and_the_dvc_command_and_every_value_reads_back(capsys):
+    before = (REPO / "params.yaml").read_bytes()
+    assert preset.main(["imagenet-20pct", "table1-attmask-hint", "--dry-run", "--queue", "-S", "data.root=/data/in1k"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1] == "dvc exp run --queue --name imagenet-20pct+table1-attmask-hint"
+    assert "params.yaml: pretrain.min_lr: 1.0e-06" in lines  # a number for PyYAML, not the string '1e-06'
+    assert "params.yaml: data.root: /data/in1k" in lines and "params.yaml: masking.strategy: attmask_hint" in lines
+    assert (REPO / "params.yaml").read_bytes() == before  # a dry run writes nothing
     for value in (1e-06, [0.25, 1.0], None, True, "imagefolder", 0.996):
         assert yaml.safe_load(preset.yaml_value(value)) == value
+
+
+def test_params_yaml_keeps_its_comments_and_every_float_reads_back_as_a_number():
+    """`dvc exp run -S` wrote 1.0e-06 back as 1e-06, a string to PyYAML: the paper's run stopped in `generate`
+    with "pretrain.min_lr: expected a number, got '1e-06'". The preset now writes params.yaml itself."""
+    text = (REPO / "params.yaml").read_text()
+    assert preset.updated_params_text(text, {}) == text  # nothing set, nothing changed: comments, layout, order
+    overrides = preset.merged_overrides(["imagenet-20pct"], ["pretrain.lr=1e-4", "pretrain.min_lr=1e17", "knn.k=[10, 20]",
+                                                            "model.depth=null", "data.root=/data/in1k"])
+    updated = preset.updated_params_text(text, overrides)
+    preset.check_reads_back(updated, overrides)
+    raw = yaml.safe_load(updated)
+    assert raw["pretrain"]["lr"] == 1e-4 and raw["pretrain"]["min_lr"] == 1e17 and raw["model"]["depth"] is None
+    assert "  min_lr: 1.0e+17" in updated and "  k: [10, 20]\n" in updated
+    assert len(text.splitlines()) == len(updated.splitlines())  # one line per key, as before
+    changed = [(old, new) for old, new in zip(text.splitlines(), updated.splitlines()) if old != new]
+    assert 0 < len(changed) <= len(overrides)
+    for old, new in changed:  # the key's own line, its comment kept
+        assert old.split(":")[0] == new.split(":")[0], (old, new)
+        if "#" in old:
+            assert new.endswith(old[old.index("#"):]), (old, new)
+    # a params.yaml DVC rewrote (YAML 1.2: 1e-06) reads as numbers here, and is repaired when written
+    dvc_written = text.replace("min_lr: 1.0e-06", "min_lr: 1e-06")
+    assert preset.read_params_text(dvc_written)["pretrain"]["min_lr"] == 1e-06
+    assert yaml.safe_load(preset.updated_params_text(dvc_written, {}))["pretrain"]["min_lr"] == 1e-06
+
+
+def test_a_run_writes_params_yaml_then_runs_dvc_and_a_queued_one_puts_it_back(tmp_path, monkeypatch):
+    (tmp_path / "presets").mkdir()
+    (tmp_path / "presets" / "small.yaml").write_text("pretrain.min_lr: 1.0e-07\nknn.k: [5]\n")
+    original = (REPO / "params.yaml").read_text()
+    (tmp_path / "params.yaml").write_text(original)
+    monkeypatch.chdir(tmp_path)
+    seen = []
+    monkeypatch.setattr(preset, "dvc", lambda *args: seen.append((args, (tmp_path / "params.yaml").read_text())))
+    assert preset.main(["small", "-S", "seed=3"]) == 0
+    (args, during), = seen
+    assert args == ("exp", "run", "--name", "small")
+    assert yaml.safe_load(during)["pretrain"]["min_lr"] == 1e-07 and yaml.safe_load(during)["seed"] == 3
+    assert (tmp_path / "params.yaml").read_text() == during  # the workspace keeps the run's params, as dvc exp run -S
+    (tmp_path / "params.yaml").write_text(original)
+    assert preset.main(["small", "--queue", "--name", "q"]) == 0
+    assert seen[-1][0] == ("exp", "run", "--queue", "--name", "q") and yaml.safe_load(seen[-1][1])["knn"]["k"] == [5]
+    assert (tmp_path / "params.yaml").read_text() == original  # the queued experiment took its own copy
+
+    def failing(*args):
+        raise subprocess.CalledProcessError(255, ["dvc", *args])
+
+    monkeypatch.setattr(preset, "dvc", failing)
+    assert preset.main(["small", "--queue"]) == 255  # dvc printed why; no traceback on top
+    assert (tmp_path / "params.yaml").read_text() == original
+
+
+def test_a_bad_set_param_is_one_line_and_status_2(capsys):
+    for entry, message in (("pretrain.lr", "expected key=value"), ("masking.ratio=2.0", "masking.ratio"),
+                           ("knn.k=[1,", "not valid YAML"), ("pretrain.nope=1", "pretrain.nope")):
+        assert preset.main(["imagenet-20pct", "--dry-run", "-S", entry]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("preset: ") and message in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_an_unknown_preset_or_a_bad_value_is_one_line_and_status_2(tmp_path, monkeypatch, capsys):
