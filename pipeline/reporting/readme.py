@@ -119,6 +119,9 @@ def collect_report(
             v: {s: {"mean": r["mean"], "std": r["std"], "draws": len(r["runs"])} for s, r in per_shot.items() if s != "skipped"}
             for v, per_shot in fewshot.items()
         },
+        # shot counts the data could not serve (too few train images per class), with the reason
+        "fewshot_skipped": {v: dict(per_shot.get("skipped") or {}) for v, per_shot in fewshot.items()},
+        "fewshot_draw": params.fewshot.draw,
         "pretrain": read_optional(pretrain_dir / "metrics.json"),
         "uniform_cls_loss": math.log(params.model.out_dim),
         "expected_masked_share": masking.prob * masking.ratio,
@@ -360,7 +363,12 @@ def _fewshot(report: dict[str, Any]) -> list[str]:
     lines = ["### Few-shot k-NN", ""]
     if not fewshot:
         return lines + ["not run", ""]
+    skipped = {s: why for per in (report.get("fewshot_skipped") or {}).values() for s, why in per.items()}
+    skipped_lines = [f"- {s} / class: skipped, {why}." for s, why in sorted(skipped.items(), key=lambda kv: int(kv[0]))]
     shots = sorted({s for per in fewshot.values() for s in per}, key=int)
+    if not shots:
+        return lines + ["Every shot count was skipped: the train split has too few images per class.", "",
+                        *skipped_lines, ""]
     draws = max(r["draws"] for per in fewshot.values() for r in per.values())
     classes = report["data"].get("num_classes")
     chance = 100.0 / classes if classes else None
@@ -375,7 +383,8 @@ def _fewshot(report: dict[str, Any]) -> list[str]:
             return text + " (chance)"
         return text
 
-    lines += [f"Top-1 (%) with 1/5/10/20 labelled train images per class: mean ± std over {draws} seeded draws.", "",
+    lines += [f"Top-1 (%) with {'/'.join(shots)} labelled train images per class: mean ± std over {draws} "
+              f"{'contiguous slices' if report.get('fewshot_draw') == 'slices' else 'seeded draws'}.", "",
               "| features | " + " | ".join(f"{s} / class" for s in shots) + " |", "|---|" + "---|" * len(shots)]
     for variant, per in fewshot.items():
         cells = " | ".join(cell(per[s]) if s in per else "-" for s in shots)
@@ -390,6 +399,8 @@ def _fewshot(report: dict[str, Any]) -> list[str]:
         lines += ["", f"*(chance)*: within noise of chance ({chance:.1f}%, {classes} classes), i.e. |mean - chance| "
                       f"< {NOISE_SE:g} x the larger of the draws' std{se}: {marked} cell(s). Such a cell, above or "
                       "below chance or the other row, measures no learned difference."]
+    if skipped_lines:
+        lines += ["", *skipped_lines]
     return lines + [""]
 
 

@@ -273,3 +273,13 @@ def test_a_run_below_random_init_says_so_in_its_first_lines(tmp_path):
     assert "k-NN -10.1 points (49.6 against 59.7, noise ±6.3)" in first
     assert "the linear probe -4.5 points" in first and "fine-tuning" not in first
     assert "steps" in first and "ln(out_dim)" in first and "`pretrain.min_steps`" in first
+
+
+def test_few_shot_counts_the_data_cannot_serve_are_named_not_dropped(tmp_path):
+    report, _ = render(tmp_path)
+    report["fewshot_skipped"] = {"pretrained": {"20": "needs 100 train images per class; class 0 has 5"}}
+    text = render_readme(report, PROVENANCE, {}, [])
+    assert "- 20 / class: skipped, needs 100 train images per class; class 0 has 5." in text
+    report["fewshot"] = {"pretrained": {}, "random_init": {}}
+    text = render_readme(report, PROVENANCE, {}, [])
+    assert "Every shot count was skipped" in text and "20 / class: skipped" in text
