@@ -8,11 +8,12 @@
     clean: nothing has to be rerun.
 (c) The golden test: every output file's MD5, the checkpoint's whole (its run
     identity hashes exactly the pretrain stage's code deps), equals the one committed in
-    ``tests/golden/tiny_pipeline.json``, whichever x86-64 CPU runs it (the tiny
-    config computes with ``numerics: compatible``, the mode whose bits MKL
-    documents as the same on Intel and AMD). A mismatch names the first stage
-    and file that differ and both machines' CPU, ISA, threads and libraries.
-    ``ATTMASK_UPDATE_GOLDEN=1`` rewrites the file instead, after a deliberate change.
+    ``tests/golden/tiny_pipeline.json`` for this CPU's group
+    (:func:`pipeline.core.lock_machine.machine_class`: any Intel CPU, or one
+    vendor's family and model), under ``numerics: compatible``. A mismatch names
+    the first stage and file that differ and both machines' CPU, ISA, threads and
+    libraries; a group without a golden skips, saying so in one line.
+    ``ATTMASK_UPDATE_GOLDEN=1`` writes this group's entry instead, after a deliberate change.
 
 Both run the real stages as DVC runs them (``python -m stages.X`` from PATH);
 process start-up dominates, hence the tiny params (2 classes x 8 images).
@@ -37,7 +38,7 @@ pytestmark = pytest.mark.slow
 # 2 classes x 8 train / 4 val images of 16 px, a 2-block ViT, one epoch of everything;
 # loader workers as in the defaults (a worker process must not change the bytes)
 TINY: dict[str, Any] = {
-    "numerics": "compatible",  # the golden hashes must hold on any x86-64 CPU, Intel or AMD
+    "numerics": "compatible",  # MKL's Intel-and-AMD branch; the goldens are still kept per CPU group (machine_class)
     "data": {"shard_size": 8, "synthetic": {"num_classes": 2, "train_per_class": 8, "val_per_class": 4, "image_size": 16}},
     "model": {"img_size": 16, "embed_dim": 32, "depth": 2, "num_heads": 2, "out_dim": 64, "head_hidden_dim": 64,
               "head_bottleneck_dim": 32},
@@ -247,14 +248,28 @@ def first_difference(expected: dict[str, dict[str, str]], actual: dict[str, dict
     return f"stage {extra[0]}: in this pipeline, not in the golden file" if extra else None
 
 
+def golden_group() -> str:
+    """This CPU's group of machines promised the same bytes (``pipeline.core.lock_machine.machine_class``)."""
+    from pipeline.core.lock_machine import machine_class, stage_machine
+    from pipeline.core.tracking import machine_info
+
+    return machine_class(stage_machine({"machine": machine_info()}), TINY["numerics"])
+
+
 def test_golden_the_tiny_pipeline_gives_the_committed_bytes(reproduced: tuple[Path, str, str]) -> None:
     repo, first, _ = reproduced
     actual = output_hashes(repo, first)
+    group = golden_group()
+    goldens = json.loads(GOLDEN.read_text())["goldens"] if GOLDEN.is_file() else {}
     if os.environ.get("ATTMASK_UPDATE_GOLDEN"):
+        goldens[group] = {"machine": machine_record(), "outputs": actual}
         GOLDEN.parent.mkdir(exist_ok=True)
-        GOLDEN.write_text(json.dumps({"machine": machine_record(), "outputs": actual}, indent=2) + "\n")
-        pytest.skip(f"rewrote {GOLDEN.relative_to(REPO)}")
-    golden = json.loads(GOLDEN.read_text())
+        GOLDEN.write_text(json.dumps({"format": 2, "goldens": goldens}, indent=2) + "\n")
+        pytest.skip(f"wrote the golden of {group} in {GOLDEN.relative_to(REPO)}")
+    if group not in goldens:
+        pytest.skip(f"no golden for {group} in {GOLDEN.relative_to(REPO)} (it holds {', '.join(sorted(goldens))}): "
+                    "ATTMASK_UPDATE_GOLDEN=1 on such a CPU writes one")
+    golden = goldens[group]
     difference = first_difference(golden["outputs"], actual)
     assert difference is None, (
         f"the tiny pipeline's outputs differ from {GOLDEN.relative_to(REPO)}: first difference: {difference}\n"

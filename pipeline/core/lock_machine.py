@@ -9,7 +9,7 @@ timing records. Git tracks it with the lock; nobody writes it by hand.
 
 CI (``.ci/check-lock``) asks :func:`verdict` before it reruns the pipeline on a
 fresh clone and compares the lock: it checks wherever the bytes are promised
-(:func:`can_reproduce`) and says in one line why it skips elsewhere::
+(:func:`can_reproduce`, :func:`machine_class`) and says in one line why it skips elsewhere::
 
     python -m pipeline.core.lock_machine     # exit 0: check; 3: skip (the reason on stdout)
 """
@@ -49,26 +49,32 @@ def describe(machine: dict[str, Any]) -> str:
     return f"{machine.get('cpu')} ({machine.get('vendor')} family {machine.get('family')} model {machine.get('model')})"
 
 
-def can_reproduce(made: dict[str, Any], here: dict[str, Any], numerics: str) -> tuple[bool, str]:
-    """Whether CPU ``here`` is promised the bytes that ``made`` computed under ``numerics``, and why (one clause).
+def machine_class(machine: dict[str, Any], numerics: str) -> str:
+    """The group of CPUs promised the bytes that ``machine`` computes under ``numerics``.
 
-    ``compatible``: MKL's documented Intel-and-AMD branch, the rest pinned to AVX2: any x86-64.
-    ``portable``: MKL honours its pinned branch on Intel only, so an Intel lock holds on any Intel
-    CPU; another vendor's holds on its exact family and model. ``native``: the exact family and model.
+    ``portable`` and ``compatible`` pin MKL's branch, which MKL honours on Intel
+    CPUs only: every Intel CPU is one group. Anything else (another vendor, or
+    ``native``) is promised its exact family and model only. ``compatible`` is
+    MKL's documented Intel-and-AMD branch, yet the tiny golden pipeline's weights
+    on an AMD EPYC (family 25 model 17) differ from an Intel Xeon's (family 6
+    model 167), so no cross-vendor group is claimed.
     """
+    if machine.get("vendor") == INTEL and numerics in ("portable", "compatible"):
+        return INTEL
+    return f"{machine.get('vendor')} family {machine.get('family')} model {machine.get('model')}"
+
+
+def can_reproduce(made: dict[str, Any], here: dict[str, Any], numerics: str) -> tuple[bool, str]:
+    """Whether CPU ``here`` is promised the bytes that ``made`` computed under ``numerics``, and why (one clause)."""
     if made.get("device") != "cpu":
         return False, f"it was computed on {made.get('device')}, not on a CPU"
-    same_kind = all(made.get(k) == here.get(k) for k in ("vendor", "family", "model"))
-    if numerics == "compatible":
-        return True, "numerics compatible gives the same bytes on any x86-64 CPU"
-    if numerics == "portable" and made.get("vendor") == INTEL:
-        if here.get("vendor") == INTEL:
-            return True, "numerics portable gives the same bytes on any Intel CPU"
-        return False, f"numerics portable pins MKL on Intel CPUs only, and this CPU is {describe(here)}"
-    if same_kind:
-        return True, "this CPU is of the same family and model"
-    rule = "portable pins MKL on Intel CPUs only" if numerics == "portable" else f"{numerics} promises the same model only"
-    return False, f"numerics {rule}, and this CPU is {describe(here)}"
+    group = machine_class(made, numerics)
+    if machine_class(here, numerics) == group:
+        where = "any Intel CPU" if group == INTEL else "this family and model"
+        return True, f"numerics {numerics} promises the same bytes on {where}"
+    rule = ("pins MKL on Intel CPUs only" if numerics in ("portable", "compatible")
+            else "promises the same model only")
+    return False, f"numerics {numerics} {rule}, and this CPU is {describe(here)}"
 
 
 def verdict(record: dict[str, Any] | None, here: dict[str, Any]) -> tuple[bool, str]:

@@ -29,7 +29,8 @@ def record(made: dict, numerics: str = "portable") -> dict:
     (EPYC, EPYC, "portable", True),
     (EPYC, OLDER_EPYC, "portable", False),     # on AMD only the same family and model is promised
     (EPYC, XEON, "portable", False),
-    (EPYC, XEON, "compatible", True),          # MKL's documented Intel-and-AMD branch
+    (EPYC, XEON, "compatible", False),         # measured: the tiny pipeline's bytes differ across vendors
+    (XEON, OLDER_XEON, "compatible", True),
     (XEON, OLDER_XEON, "native", False),
     (XEON, XEON, "native", True),
     ({**XEON, "device": "cuda"}, XEON, "portable", False),
