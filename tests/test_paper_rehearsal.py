@@ -41,7 +41,6 @@ folders 6-9 s, ~6 s of imports in each of the 11 stage processes, pre-training
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -50,9 +49,8 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.conftest import REPO
 from tests.folders import write_cifar_folder, write_imagenet_folder
-from tests.test_reproducibility import run
+from tests.test_reproducibility import copy_working_files, run
 
 pytestmark = pytest.mark.slow
 
@@ -98,15 +96,7 @@ def paper_folders(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path,
 
 def copy_working_tree(dest: Path) -> Path:
     """The working tree as git sees it (tracked + untracked, not ignored) in a fresh one-commit repository."""
-    import shutil
-
-    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
-                            capture_output=True, text=True, check=True).stdout.split("\0")
-    for name in filter(None, listed):
-        source = REPO / name
-        if source.is_file():  # deleted but not yet committed files are listed too
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, dest / name)
+    copy_working_files(dest)
     run(dest, "git", "init", "-q")
     run(dest, "git", "add", "-A")
     run(dest, "git", "commit", "-q", "-m", "rehearsal copy")

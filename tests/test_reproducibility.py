@@ -82,11 +82,8 @@ def dvc(cwd: Path, *args: str) -> str:
     return run(cwd, str(Path(sys.executable).parent / "dvc"), *args)
 
 
-def copy_repository(dest: Path, **sections: dict[str, Any]) -> Path:
-    """The working tree as git sees it (tracked + untracked, not ignored) in a fresh one-commit repo.
-
-    Its params.yaml is the tiny config, with ``sections`` merged over it.
-    """
+def copy_working_files(dest: Path) -> Path:
+    """The working tree's files as git sees them (tracked + untracked, not ignored) under ``dest``."""
     listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
                             capture_output=True, text=True, check=True).stdout.split("\0")
     for name in filter(None, listed):
@@ -94,6 +91,15 @@ def copy_repository(dest: Path, **sections: dict[str, Any]) -> Path:
         if source.is_file():  # deleted but not yet committed files are listed too
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, dest / name)
+    return dest
+
+
+def copy_repository(dest: Path, **sections: dict[str, Any]) -> Path:
+    """The working tree as git sees it (tracked + untracked, not ignored) in a fresh one-commit repo.
+
+    Its params.yaml is the tiny config, with ``sections`` merged over it.
+    """
+    copy_working_files(dest)
     params = merge(merge(yaml.safe_load((dest / "params.yaml").read_text()), TINY), sections)
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run(dest, "git", "init", "-q")
