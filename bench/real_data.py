@@ -145,11 +145,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     params = yaml.safe_load(Path("params.yaml").read_text())
     rows = []
     for per_class in args.per_class:
-        scratch = Path(tempfile.mkdtemp(prefix=f"real_data_{per_class}_"))
-        try:
-            row = run_size(per_class, dataset, params, scratch)
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
+        with tempfile.TemporaryDirectory(prefix=f"real_data_{per_class}_", ignore_cleanup_errors=True) as scratch:
+            row = run_size(per_class, dataset, params, Path(scratch))
         rows.append(row)
         print(f"  {per_class} per class ({row['train_images']} images, {row['steps']} steps, {row['minutes']:.1f} min): "
               f"k-NN {row['knn']['pretrained']:.1f} / random init {row['knn']['random_init']:.1f} / "

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -49,11 +48,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if seed == params["seed"]:
             row = {"seed": seed, **headline_row(Path("."), params), "minutes": None}
         else:
-            scratch = Path(tempfile.mkdtemp(prefix=f"seeds_{seed}_"))
-            try:
-                row = run_seed(seed, params, scratch)
-            finally:
-                shutil.rmtree(scratch, ignore_errors=True)
+            with tempfile.TemporaryDirectory(prefix=f"seeds_{seed}_", ignore_cleanup_errors=True) as scratch:
+                row = run_seed(seed, params, Path(scratch))
         rows.append(row)
         print(f"  seed {seed}: k-NN {row['knn']['pretrained']:.1f} / random init {row['knn']['random_init']:.1f} / "
               f"pixels {row['knn']['pixels']:.1f}; linear {row['linear']['pretrained']:.1f}; "
