@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny image folder, its shards and a tiny training config."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,24 @@ from pipeline.core.config import Params, params_from_dict
 from pipeline.data.shard_writer import build_shards
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def torch_switches_restored():
+    """Undo what an in-process ``run_stage`` sets for the whole process (oneDNN, NNPACK, threads).
+
+    Without it, a test calling ``run_stage`` changes how every later in-process
+    run computes, and byte comparisons with subprocesses depend on test order.
+    """
+    torch = sys.modules.get("torch")
+    if torch is None:
+        yield
+        return
+    saved = torch.backends.mkldnn.enabled, torch._C._get_nnpack_enabled(), torch.get_num_threads()
+    yield
+    torch.backends.mkldnn.enabled = saved[0]
+    torch.backends.nnpack.set_flags(saved[1])
+    torch.set_num_threads(saved[2])
 
 
 def write_tiny_folder(root: Path, classes: int = 3, train: int = 12, val: int = 4, size: int = 24) -> Path:

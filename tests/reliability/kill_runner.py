@@ -174,12 +174,9 @@ def main(argv: list[str]) -> None:
     elif point != "never":
         raise SystemExit(f"unknown kill point {point!r}")
 
-    import importlib
+    from tests.reliability.support import run_stage_main
 
-    from pipeline.core.config import load_params
-
-    module = importlib.import_module(f"stages.{stage}")
-    module.main(load_params("params.yaml"), progress_bar=False)
+    run_stage_main(stage)
 
 
 if __name__ == "__main__":

@@ -195,15 +195,27 @@ def one_thread() -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def run_stage_in_process(work: Path, stage: str) -> None:
-    """``stages.<stage>.main`` on ``work/params.yaml``, in ``work``, as the kill runner runs it."""
+def run_stage_main(stage: str) -> None:
+    """``stages.<stage>.main`` on ./params.yaml, without a sacred record, under that file's ``numerics``.
+
+    The numerics are set here, not inherited: an earlier in-process ``run_stage``
+    leaves oneDNN off in this process while a fresh subprocess has it on, and
+    the two would then compute different bytes.
+    """
     import importlib
 
     from pipeline.core.config import load_params
+    from pipeline.core.numerics import configure_numerics
 
-    module = importlib.import_module(f"stages.{stage}")
+    params = load_params("params.yaml")
+    configure_numerics(params.numerics)
+    importlib.import_module(f"stages.{stage}").main(params, progress_bar=False)
+
+
+def run_stage_in_process(work: Path, stage: str) -> None:
+    """:func:`run_stage_main` in ``work`` with one thread, as the kill runner runs it."""
     with chdir(work), one_thread():
-        module.main(load_params("params.yaml"), progress_bar=False)
+        run_stage_main(stage)
 
 
 @dataclass
