@@ -16,9 +16,10 @@ comments and layout kept) and ``dvc exp run`` runs the experiment on it
 stage: it starts the pipeline, as ``make compare`` does.
 
 Why not ``dvc exp run -S``: DVC writes the values back in YAML 1.2, where
-``1.0e-06`` becomes ``1e-06``, which the stages' YAML 1.1 reader takes for a
-string (``pretrain.min_lr: expected a number, got '1e-06'``: the paper's run
-stopped in its first stage). Written here, every float keeps a decimal point.
+``1.0e-06`` becomes ``1e-06``. The stages read that as a number
+(:func:`pipeline.core.config.parse_yaml`), but a plain YAML 1.1 reader such as
+``yaml.safe_load`` in a notebook takes it for the string ``'1e-06'``. Written
+here, every float keeps a decimal point and reads the same everywhere.
 """
 from __future__ import annotations
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import sys
 import types
 import typing
@@ -512,7 +513,7 @@ def _check_override(key: str, entry: str) -> None:
     if any(dotted == own or dotted.startswith(own + ".") for own in _COMPARE_OWN_KEYS):
         raise ParamsError(key, f"{dotted!r} is set by the comparison itself ({', '.join(_COMPARE_OWN_KEYS)})")
     try:
-        value = yaml.safe_load(text)
+        value = parse_yaml(text)
     except yaml.YAMLError:
         raise ParamsError(key, f"{entry!r}: the value is not valid YAML") from None
     cls: Any = Params
@@ -592,7 +593,7 @@ def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | No
     if not path.is_file():
         raise ParamsError(str(path), "params file not found")
     try:
-        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
+        raw = parse_yaml(path.read_text()) or {}
     except yaml.YAMLError as error:  # syntax errors, python tags, duplicate keys: one line, not a parser traceback
         raise ParamsError(str(path), f"not a valid params file: {' '.join(str(error).split())}") from None
     except (OSError, UnicodeDecodeError) as error:
@@ -623,8 +624,18 @@ def params_to_dict(params: Any) -> dict[str, Any]:
     return convert(dataclasses.asdict(params))
 
 
+def parse_yaml(text: str) -> Any:
+    """A params value or file as DVC writes it: YAML with ``1e-05`` a float, and no key given twice."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (PyYAML keeps the last silently).
+
+    It also reads YAML 1.2 floats without a dot (``1e-05``), which PyYAML's
+    YAML 1.1 rules leave a string, and which ``dvc exp run -S`` and DVC's own
+    params writer produce.
+    """
 
 
 def _construct_unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
@@ -644,6 +655,10 @@ def _construct_unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, 
 
 
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
+# a copy of SafeLoader's table first: add_implicit_resolver appends to the lists it shares with SafeLoader
+_UniqueKeyLoader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_UniqueKeyLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"),
+                                       list("-+0123456789"))
 
 
 def set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:

@@ -26,9 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-import yaml
-
-from pipeline.core.config import CompareConfig, CompareStrategy, MaskingConfig, ParamsError, params_from_dict, set_dotted
+from pipeline.core.config import (CompareConfig, CompareStrategy, MaskingConfig, ParamsError, params_from_dict, parse_yaml,
+                                  set_dotted)
 from pipeline.core.files import atomic_write_text, write_json
 from pipeline.core.strategies import strategy_label
 from pipeline.reporting.figures import plot_comparison
@@ -103,7 +102,7 @@ def apply_overrides(raw_params: dict[str, Any], overrides: Iterable[str]) -> dic
     result = json.loads(json.dumps({k: v for k, v in raw_params.items() if k != "compare"}))
     for entry in overrides:
         dotted, _, text = entry.partition("=")
-        set_dotted(result, dotted, yaml.safe_load(text))
+        set_dotted(result, dotted, parse_yaml(text))
     return result
 
 

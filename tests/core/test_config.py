@@ -2,8 +2,9 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
-from pipeline.core.config import ParamsError, load_params, params_from_dict, params_to_dict
+from pipeline.core.config import ParamsError, load_params, params_from_dict, params_to_dict, parse_yaml
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -83,3 +84,16 @@ def test_dataclass_defaults_are_params_yaml():
     defaults = flat(params_to_dict(params_from_dict({})))
     differ = {k: (defaults.get(k), v) for k, v in shipped.items() if defaults.get(k) != v}
     assert not differ, f"dataclass default vs params.yaml: {differ}"
+
+
+def test_floats_as_dvc_writes_them_are_floats_in_a_file_and_in_compare_overrides(tmp_path: Path):
+    # DVC (YAML 1.2) writes 1e-05 without a dot; PyYAML's YAML 1.1 rules alone would read the string '1e-05'
+    path = tmp_path / "params.yaml"
+    path.write_text("pretrain:\n  lr: 4e-03\n  min_lr: 1e-06\n  weight_decay: 1.0e-2\n")
+    params = load_params(path)
+    assert (params.pretrain.lr, params.pretrain.min_lr, params.pretrain.weight_decay) == (4e-3, 1e-6, 1e-2)
+    assert parse_yaml("1e-05") == 1e-5 and parse_yaml("-2E+3") == -2000.0 and parse_yaml("1e5x") == "1e5x"
+    assert yaml.safe_load("1e-05") == "1e-05"  # SafeLoader itself is left as it was
+    params_from_dict({"compare": {"budget": ["pretrain.lr=1e-05"]}})  # a budget override of a float key: no type error
+    with pytest.raises(ParamsError, match="pretrain.lr"):
+        params_from_dict({"compare": {"budget": ["pretrain.lr=fast"]}})

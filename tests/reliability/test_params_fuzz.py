@@ -17,7 +17,7 @@ import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from pipeline.core.config import Params, ParamsError, load_params, params_from_dict, params_to_dict
+from pipeline.core.config import Params, ParamsError, load_params, params_from_dict, params_to_dict, parse_yaml
 from tests.reliability.support import stage_env
 
 FUZZ = settings(deadline=None, derandomize=True, database=None, print_blob=True,
@@ -212,12 +212,12 @@ def test_generated_params_files_are_valid_or_name_the_problem(text, tmp_path_fac
     try:
         load_params(path)
     except ParamsError as error:
-        assert error.key == str(path) or named_key(error, yaml.safe_load(text) if _is_mapping(text) else {})
+        assert error.key == str(path) or named_key(error, parse_yaml(text) if _is_mapping(text) else {})
 
 
 def _is_mapping(text: str) -> bool:
     try:
-        return isinstance(yaml.safe_load(text), dict)
+        return isinstance(parse_yaml(text), dict)
     except yaml.YAMLError:
         return False
 
