@@ -55,7 +55,6 @@ from tests.test_reproducibility import copy_working_files, run
 pytestmark = pytest.mark.slow
 
 CLASSES, TRAIN_PER_CLASS, VAL_PER_CLASS, IMAGE_PX = 1000, 5, 1, 64
-BUDGET_SECONDS = 180  # the whole rehearsal, folders included, on the 2-core CPU (make test)
 
 # -S overrides on top of presets/imagenet-20pct.yaml: the model, the image sizes and the training lengths, the
 # folders, and what a CPU machine needs instead of CUDA. Nothing else of the paper's run changes.
@@ -200,10 +199,3 @@ def test_the_report_renders_the_papers_tables(rehearsed: tuple[Path, str, float]
     assert "Official linear probe (`linear_sgd`" in readme
     assert read_json(repo, "reports/report.json")["data"]["num_classes"] == CLASSES
 
-
-def test_the_rehearsal_fits_the_test_budget(rehearsed: tuple[Path, str, float]) -> None:
-    """Measured (folders, copy, every stage, the report) at 155-164 s on the quiet 2-core machine, 254 s beside
-    another pipeline; 2x the budget fails, so a busy machine does not make it flaky while a real slowdown shows."""
-    _, _, seconds = rehearsed
-    print(f"rehearsal: {seconds:.0f} s, folders included (budget {BUDGET_SECONDS} s)")
-    assert seconds < 2 * BUDGET_SECONDS, f"the rehearsal took {seconds:.0f} s, twice its {BUDGET_SECONDS} s budget"
