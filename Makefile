@@ -57,3 +57,8 @@ clean-venv:
 .PHONY: compare
 compare: $(STAMP)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m stages.compare
+
+# the same strategy table on real photos (Fashion-MNIST, 500 per class; bench/comparison_real.py)
+.PHONY: compare-real
+compare-real: $(STAMP)
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m bench.comparison_real
