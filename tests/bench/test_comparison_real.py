@@ -58,5 +58,9 @@ def test_the_report_names_its_data_command_and_chart():
     assert "](comparison_real.png)" in text and "](comparison.png)" not in text
     assert "embedded dataset" not in text
     assert text.index(comparison_real.DATA_TEXT) < text.index("| produced by |")
+    folder = Path("/home/someone/.cache/attmask/fashion-mnist-500")
+    doc["experiments"][0]["overrides"].append(f"data.root={folder}")
+    shown = comparison_real.retitle(render_markdown(doc), folder)
+    assert str(folder) not in shown and "data.root=<folder>`" in shown
     with pytest.raises(ValueError, match="no longer holds"):
         comparison_real.retitle(text)
