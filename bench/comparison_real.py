@@ -3,6 +3,7 @@
     python -m bench.comparison_real             # write the folder, queue what is missing, run, render
     python -m bench.comparison_real --dry-run   # print the dvc commands, run nothing
     python -m bench.comparison_real --render    # only render, from `dvc exp show --json`
+    python -m bench.comparison_real --render --rev <commit>   # ... the experiments queued on another commit
 
 ``make compare``'s plan (the ``compare`` section of ``params.yaml``: its
 strategies, seeds and budget), with every experiment pointed at a real
@@ -30,8 +31,9 @@ import yaml
 
 from bench import real_data
 from pipeline.core.config import CompareConfig, load_params
+from pipeline.core.numerics import ensure_numerics
 from pipeline.reporting import provenance
-from pipeline.reporting.compare import Experiment, apply_overrides, dvc, match, plan, queue_command, render
+from pipeline.reporting.compare import Experiment, Stat, apply_overrides, dvc, match, plan, queue_command, render
 from stages.compare import exp_show, git_head, run_queue
 from stages.paths import PARAMS, REPORTS
 
@@ -113,13 +115,30 @@ def retitle(markdown: str, folder: Path | None = None) -> str:
     return head + "\n\n" + DATA_TEXT + sep + rest
 
 
+def pixels_line(found: Sequence[Any], knn_k: int) -> str:
+    """The raw-pixel k-NN reference of the finished experiments (``Found``), which the strategy table leaves out.
+
+    Every experiment reads the same folder, so the pixels' k-NN is one number;
+    on these photos it is the bar the learned features are measured against.
+    """
+    values = tuple(float(v) for f in found
+                   if (v := (((f.metrics.get("baselines") or {}).get("pixels") or {}).get("knn") or {}).get(str(knn_k)))
+                   is not None)
+    if not values:
+        return "Raw pixels: not recorded by the experiments."
+    return (f"Raw pixels (the val photos' own pixels as features, the same folder in every experiment): k-NN@{knn_k} "
+            f"{Stat(values).text()} over {len(values)} experiments.")
+
+
 def write_report(config: CompareConfig, experiments: Sequence[Experiment], show: list[dict[str, Any]],
                  origin: dict[str, Any], folder: Path) -> dict[str, Any]:
     """Render with ``make compare``'s renderer into a scratch folder, then store as ``reports/comparison_real.*``."""
     with tempfile.TemporaryDirectory() as scratch:
         summary = render(config, experiments, show, Path(scratch), provenance=origin)
         REPORTS.mkdir(parents=True, exist_ok=True)
-        (REPORTS / f"{NAME}.md").write_text(retitle((Path(scratch) / "comparison.md").read_text(), folder))
+        text = retitle((Path(scratch) / "comparison.md").read_text(), folder)
+        text = text.replace(DATA_TEXT, DATA_TEXT + " " + pixels_line(list(match(show, experiments).values()), config.knn_k))
+        (REPORTS / f"{NAME}.md").write_text(text)
         for suffix in (".png", ".json"):
             os.replace(Path(scratch) / f"comparison{suffix}", REPORTS / f"{NAME}{suffix}")
     return summary
@@ -130,12 +149,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--render", action="store_true", help="only render from the finished experiments")
     parser.add_argument("--dry-run", action="store_true", help="print what would be queued")
     parser.add_argument("--jobs", type=int, default=1, help="experiments at a time (1 on a 2-core machine)")
+    parser.add_argument("--rev", help="with --render: the baseline commit whose experiments to read (default HEAD)")
     parser.add_argument("--folder", type=Path, default=FOLDER, help=f"where the real folder is written (default {FOLDER})")
     args = parser.parse_args(argv)
+    if args.rev and not args.render:
+        parser.error("--rev reads another commit's experiments: use it with --render")
     params = load_params(PARAMS)
+    # as `python -m stages.compare`: this process runs with the experiments' numerics, so its record names them
+    ensure_numerics(params.numerics)
     folder = args.folder.resolve() if args.render or args.dry_run else ensure_folder(args.folder.resolve())
     experiments = real_plan(yaml.safe_load(PARAMS.read_text()), params.compare, folder)
-    baseline = git_head()
+    baseline = args.rev or git_head()
     show = exp_show(baseline)
     todo = [e for e in experiments if e not in match(show, experiments)]
     print(f"compare-real: {len(experiments)} experiments planned, {len(experiments) - len(todo)} already finished")

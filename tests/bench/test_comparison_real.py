@@ -64,3 +64,11 @@ def test_the_report_names_its_data_command_and_chart():
     assert str(folder) not in shown and "data.root=<folder>`" in shown
     with pytest.raises(ValueError, match="no longer holds"):
         comparison_real.retitle(text)
+
+
+def test_the_raw_pixel_reference_is_stated_from_the_experiments():
+    from types import SimpleNamespace
+
+    found = [SimpleNamespace(metrics={"baselines": {"pixels": {"knn": {"20": v}}}}) for v in (82.4, 82.4, 82.6)]
+    assert comparison_real.pixels_line(found, 20).endswith("k-NN@20 82.5 ± 0.1 over 3 experiments.")
+    assert comparison_real.pixels_line([SimpleNamespace(metrics={})], 20) == "Raw pixels: not recorded by the experiments."
