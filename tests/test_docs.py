@@ -1,7 +1,10 @@
-"""Documentation that cannot rot: the params reference, relative links and anchors, and the citation files."""
+"""Documentation that cannot rot: the params reference, relative links and anchors, the README's results, and the
+citation files."""
 from __future__ import annotations
 
+import json
 import re
+import statistics
 import tomllib
 import urllib.parse
 from dataclasses import dataclass, field
@@ -286,6 +289,50 @@ def test_link_checker_reports_each_broken_link(tmp_path):
         "README.md:6: #nope", "README.md:7: missing.md", "README.md:7: img.png", "README.md:7: docs/other.md#same-2",
         "README.md:8: code.py#L3", "README.md:8: ../x.md", "README.md:15: docs/gone.md",
     ]
+
+
+# -- the README's results are the committed data's -----------------------------------------------
+
+
+def readme_results_rows(readme: str) -> dict[str, list[str]]:
+    """Row label -> cells of the README's results table (rows with a mean ± sd), emphasis removed."""
+    section = readme.split("\n## Results\n", 1)[1].split("\n## ", 1)[0]
+    rows = {}
+    for line in section.splitlines():
+        if line.startswith("|") and " ± " in line:
+            label, *cells = (cell.strip().strip("*") for cell in line.strip().strip("|").split("|"))
+            rows[label] = cells
+    return rows
+
+
+def mean_sd(values: list[float]) -> str:
+    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+
+
+def test_readme_results_table_is_the_committed_three_seed_run():
+    """Every mean ± sd in the README's results table is what ``reports/bench/seeds.json`` (``bench.seeds``) holds."""
+    seeds = json.loads((REPO / "reports" / "bench" / "seeds.json").read_text())["rows"]
+    assert [row["seed"] for row in seeds] == [0, 1, 2]
+
+    def column(variant: str, *metrics: str) -> list[str]:
+        return [mean_sd([row[metric][variant] for row in seeds]) for metric in metrics]
+
+    table = readme_results_rows((REPO / "README.md").read_text())
+    pretrained = [cells for label, cells in table.items() if label.startswith("pre-trained")]
+    assert table["raw pixels"][:1] == column("pixels", "knn")
+    assert table["random init"] == column("random_init", "knn", "linear", "finetune")
+    assert pretrained == [column("pretrained", "knn", "linear", "finetune")]
+
+
+def test_readme_seed_0_figures_are_make_repros_metrics():
+    """The results caption quotes seed 0 as ``reports/metrics.json`` (the committed ``make repro``) has it."""
+    metrics = json.loads((REPO / "reports" / "metrics.json").read_text())
+    random_init, pixels = metrics["baselines"]["random_init"], metrics["baselines"]["pixels"]
+    quoted = (f"k-NN {metrics['knn']['20']:.1f} / {random_init['knn']['20']:.1f} random init / "
+              f"{pixels['knn']['20']:.1f} raw pixels, linear {metrics['linear']['top1']:.1f} / "
+              f"{random_init['linear']['top1']:.1f}, fine-tuning {metrics['finetune']['top1']:.1f} / "
+              f"{random_init['finetune']['top1']:.1f}")
+    assert quoted in " ".join((REPO / "README.md").read_text().split())
 
 
 # -- the files a researcher looks for -------------------------------------------------------------
