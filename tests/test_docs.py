@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import statistics
 import tomllib
 import urllib.parse
 from dataclasses import dataclass, field
@@ -16,6 +15,7 @@ import yaml
 
 from pipeline.core import params_reference
 from pipeline.core.config import ParamsError, _check_range
+from pipeline.reporting.compare import Stat
 
 REPO = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
@@ -305,17 +305,13 @@ def readme_results_rows(readme: str) -> dict[str, list[str]]:
     return rows
 
 
-def mean_sd(values: list[float]) -> str:
-    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
-
-
 def test_readme_results_table_is_the_committed_three_seed_run():
     """Every mean ± sd in the README's results table is what ``reports/bench/seeds.json`` (``bench.seeds``) holds."""
     seeds = json.loads((REPO / "reports" / "bench" / "seeds.json").read_text())["rows"]
     assert [row["seed"] for row in seeds] == [0, 1, 2]
 
     def column(variant: str, *metrics: str) -> list[str]:
-        return [mean_sd([row[metric][variant] for row in seeds]) for metric in metrics]
+        return [Stat(tuple(row[metric][variant] for row in seeds)).text() for metric in metrics]
 
     table = readme_results_rows((REPO / "README.md").read_text())
     pretrained = [cells for label, cells in table.items() if label.startswith("pre-trained")]
